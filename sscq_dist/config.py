@@ -1,0 +1,375 @@
+"""Typed configuration: one dataclass tree, loaded from YAML with `key.sub=value` overrides.
+
+Every number a user may want to change lives here with its default (SPEC section 4).
+Loading validates types and ranges and raises `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from sscq_dist.errors import ConfigError
+
+BITS_CHOICES = (16, 32, 64)
+BACKBONES = ("small_cnn", "resnet18_cifar", "resnet50")
+INDEX_TYPES = ("pq_fastscan", "ivf_pq_fastscan")
+
+
+@dataclass
+class StorageConfig:
+    # S3-compatible endpoint (MinIO, a dev server); None = AWS_ENDPOINT_URL or AWS itself.
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    # Bounded retries with exponential backoff for object-store calls.
+    max_attempts: int = 4
+    retry_backoff_s: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale_min: float = 0.35
+    crop_scale_max: float = 1.0
+    crop_ratio_min: float = 0.75
+    crop_ratio_max: float = 1.333
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train_uri: str = "data/digits/train"
+    # Held-out queries for evaluation and the promotion gate (never used for training).
+    queries_uri: str = "data/digits/test"
+    # Database for evaluation; defaults to the training images (SPEC section 5 protocol).
+    database_uri: Optional[str] = None
+    image_size: int = 28
+    channels: int = 1
+    # Rows per Ray Data decode/augment task batch.
+    decode_batch_size: int = 256
+    # Decoded pixels above this count are refused (decompression-bomb guard).
+    max_image_pixels: int = 50_000_000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    bits: int = 32
+    num_codewords: int = 16  # K; 16 means 4-bit codes (FAISS fast-scan)
+    codeword_dim: int = 16  # d
+    head_hidden: int = 512
+    tau_q: float = 0.2
+    # SyncBatchNorm on GPU workers; torch refuses it on CPU tensors.
+    sync_batchnorm: bool = True
+
+    @property
+    def num_codebooks(self) -> int:
+        """M = bits / log2(K)."""
+        return self.bits // int(round(math.log2(self.num_codewords)))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.num_codebooks * self.codeword_dim
+
+
+@dataclass
+class LossConfig:
+    w_icf: float = 1.0
+    w_icz: float = 1.0
+    w_cc: float = 0.4
+    w_pn: float = 0.1
+    w_cd: float = 0.2
+    tau_ic: float = 0.5
+    tau_cc: float = 0.2
+    tau_pn: float = 0.5
+    tau_cd: float = 0.2
+    num_neighbors: int = 20
+
+
+@dataclass
+class BankConfig:
+    enabled: bool = False
+    size: int = 4096  # Q, split evenly over workers
+    warmup_epochs: int = 1
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    global_batch_size: int = 256
+    epochs: int = 10
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 1.0
+    zero_stage: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Ray Train run storage (checkpoints); a local dir or s3:// URI.
+    storage_path: str = "runs"
+    run_name: str = "sscq-digits"
+    max_failures: int = 2
+    log_every_steps: int = 10
+    # Cap on steps per epoch (0 = a full pass); used for smoke tests and benchmarks.
+    max_steps_per_epoch: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    # None = MLFLOW_TRACKING_URI or a local SQLite store under the working directory.
+    tracking_uri: Optional[str] = None
+    experiment: str = "sscq"
+    registered_model: str = "sscq"
+    # Retries while the tracking server is unreachable before a warning and buffering.
+    max_attempts: int = 3
+
+
+@dataclass
+class EvalConfig:
+    topk: int = 100
+    # Promotion gate: mAP@gate_topk on data.queries_uri against the database.
+    gate_topk: int = 100
+    batch_size: int = 512
+
+
+@dataclass
+class IndexConfig:
+    index_type: str = "pq_fastscan"
+    nlist: int = 1024
+    # Lists scanned per query; 128 of 1024 keeps recall@10 >= 0.95 vs exhaustive ADC (benchmarks/index_bench.py).
+    nprobe: int = 128
+    # Embeddings kept (uniform random sample) to train the IVF coarse quantizer.
+    ivf_train_sample: int = 100_000
+    # k-means iterations for the IVF coarse quantizer (FAISS uses 10 for IVF training too).
+    kmeans_iters: int = 10
+    encode_batch_size: int = 512
+    encode_concurrency: int = 1
+    # Source image shards encoded into one index shard.
+    source_shards_per_index_shard: int = 1
+    lock_ttl_s: float = 3600.0
+
+
+@dataclass
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"model.bits": 32, ...}`: the form logged as MLflow params."""
+        return _flatten(self.to_dict())
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert one leaf value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, data[f.name], tp)
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks; each failure names its key."""
+    m, t, l, d, a = cfg.model, cfg.train, cfg.loss, cfg.data, cfg.data.augment
+    _check(m.bits in BITS_CHOICES, "model.bits", f"must be one of {BITS_CHOICES}, got {m.bits}")
+    _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {BACKBONES}, got {m.backbone!r}")
+    _check(m.num_codewords == 16, "model.num_codewords", f"must be 16 (4-bit fast-scan codes), got {m.num_codewords}")
+    _check(m.bits % 4 == 0, "model.bits", f"must be divisible by log2(K)=4, got {m.bits}")
+    _check(m.codeword_dim > 0, "model.codeword_dim", f"must be > 0, got {m.codeword_dim}")
+    _check(m.head_hidden > 0, "model.head_hidden", f"must be > 0, got {m.head_hidden}")
+    for name in ("tau_q",):
+        _check(getattr(m, name) > 0, f"model.{name}", f"temperature must be > 0, got {getattr(m, name)}")
+    for name in ("tau_ic", "tau_cc", "tau_pn", "tau_cd"):
+        _check(getattr(l, name) > 0, f"loss.{name}", f"temperature must be > 0, got {getattr(l, name)}")
+    for name in ("w_icf", "w_icz", "w_cc", "w_pn", "w_cd"):
+        _check(getattr(l, name) >= 0, f"loss.{name}", f"weight must be >= 0, got {getattr(l, name)}")
+    _check(l.num_neighbors >= 1, "loss.num_neighbors", f"must be >= 1, got {l.num_neighbors}")
+    _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    _check(d.decode_batch_size >= 1, "data.decode_batch_size", f"must be >= 1, got {d.decode_batch_size}")
+    _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
+    for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
+        v = getattr(a, name)
+        _check(0.0 <= v <= 1.0, f"data.augment.{name}", f"probability must be in [0, 1], got {v}")
+    _check(0 < a.crop_scale_min <= a.crop_scale_max <= 1.0, "data.augment.crop_scale_min",
+           "need 0 < crop_scale_min <= crop_scale_max <= 1")
+    _check(0 < a.crop_ratio_min <= a.crop_ratio_max, "data.augment.crop_ratio_min",
+           "need 0 < crop_ratio_min <= crop_ratio_max")
+    _check(0 < a.blur_sigma_min <= a.blur_sigma_max, "data.augment.blur_sigma_min",
+           "need 0 < blur_sigma_min <= blur_sigma_max")
+    _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
+    _check(t.global_batch_size >= 2 * t.num_workers, "train.global_batch_size",
+           f"must be >= 2 per worker, got {t.global_batch_size} for {t.num_workers} workers")
+    _check(t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
+           f"must be divisible by train.num_workers={t.num_workers}, got {t.global_batch_size}")
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
+    _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
+    _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {t.max_steps_per_epoch}")
+    b = cfg.bank
+    _check(b.size >= 1, "bank.size", f"must be >= 1, got {b.size}")
+    _check(b.size % t.num_workers == 0, "bank.size",
+           f"must be divisible by train.num_workers={t.num_workers}, got {b.size}")
+    _check(b.warmup_epochs >= 0, "bank.warmup_epochs", f"must be >= 0, got {b.warmup_epochs}")
+    _check(cfg.eval.topk >= 1, "eval.topk", f"must be >= 1, got {cfg.eval.topk}")
+    _check(cfg.eval.gate_topk >= 1, "eval.gate_topk", f"must be >= 1, got {cfg.eval.gate_topk}")
+    ix = cfg.index
+    _check(ix.index_type in INDEX_TYPES, "index.index_type", f"must be one of {INDEX_TYPES}, got {ix.index_type!r}")
+    _check(ix.nlist >= 1, "index.nlist", f"must be >= 1, got {ix.nlist}")
+    _check(1 <= ix.nprobe, "index.nprobe", f"must be >= 1, got {ix.nprobe}")
+    _check(ix.kmeans_iters >= 1, "index.kmeans_iters", f"must be >= 1, got {ix.kmeans_iters}")
+    _check(ix.ivf_train_sample >= ix.nlist, "index.ivf_train_sample",
+           f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")
+    _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
+    _check(ix.encode_concurrency >= 1, "index.encode_concurrency", f"must be >= 1, got {ix.encode_concurrency}")
+    _check(ix.source_shards_per_index_shard >= 1, "index.source_shards_per_index_shard", "must be >= 1")
+    _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    # YAML scalars: 32 -> int, 0.5 -> float, true -> bool, null -> None, else string.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_nested(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a plain mapping plus `key.sub=value` overrides."""
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_nested(data, key, value)
+    return validate(_build(Config, data, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    return from_dict(data, overrides)

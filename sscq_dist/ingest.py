@@ -1,0 +1,261 @@
+"""Write image collections as sharded Parquet per the shard contract (SPEC section 3).
+
+Sources: scikit-learn's bundled digits, Fashion-MNIST IDX files, a folder of image files
+and existing Parquet (re-shard). Datasets that come with splits write `<dest>/<split>/`.
+Ids are stable across reruns: positions in the source for the datasets, a hash of the
+relative path for folders, the existing id for Parquet.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from sscq_dist.config import StorageConfig
+from sscq_dist.data.schema import IMAGE_SCHEMA, SHARD_PREFIX, shard_files, validate_shards
+from sscq_dist.errors import SSCQError, StorageError
+from sscq_dist.storage import Location, atomic_write_bytes, delete, resolve, with_retries
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Fixed split of the 1,797 digits: 1,500 database/train images, 297 held-out queries.
+DIGITS_TRAIN = 1500
+DIGITS_SPLIT_SEED = 0
+# Fashion-MNIST test ids follow the train ids so ids are unique over the collection.
+FASHION_TEST_ID_OFFSET = 60_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Record:
+    id: int
+    image: bytes
+    uri: Optional[str]
+    label: Optional[list[int]]
+
+
+@dataclass
+class IngestSummary:
+    dest: str
+    rows: int
+    shards: int
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"ingest: {self.rows} rows, {self.shards} shards, {self.bytes / 1e6:.2f} MB "
+                f"-> {self.dest} in {self.seconds:.1f}s")
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def digits_records(split: str) -> list[Record]:
+    """scikit-learn's bundled 8x8 digits (values 0-16) as grey PNGs; split train/test/all."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(d.target))
+    chosen = {"train": order[:DIGITS_TRAIN], "test": order[DIGITS_TRAIN:], "all": order}[split]
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    return [Record(int(i), png_bytes(images[i]), f"sklearn:digits/{int(i)}", [int(d.target[i])])
+            for i in sorted(int(x) for x in chosen)]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SSCQError(f"IDX file not found: {path}") from None
+    except OSError as exc:
+        raise SSCQError(f"IDX file {path}: unreadable ({exc})") from None
+    if len(data) < 4:
+        raise SSCQError(f"IDX file {path}: too short for a header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise SSCQError(f"IDX file {path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise SSCQError(f"IDX file {path}: {body.size} values, header says {dims}")
+    return body.reshape(dims)
+
+
+def _find(directory: str, stem: str) -> str:
+    for name in (f"{stem}.gz", stem, stem.replace("-idx", ".idx") + ".gz"):
+        p = os.path.join(directory, name)
+        if os.path.exists(p):
+            return p
+    raise SSCQError(f"Fashion-MNIST file '{stem}[.gz]' not found in {directory} "
+                    f"(install the Debian package dataset-fashion-mnist or pass --source-path)")
+
+
+def fashion_mnist_records(split: str, directory: str = FASHION_MNIST_DIR) -> Iterator[Record]:
+    """Fashion-MNIST IDX files: train ids 0..59999, test ids 60000.. (stable across reruns)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise SSCQError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels in {directory}")
+    offset = 0 if split == "train" else FASHION_TEST_ID_OFFSET
+    for i in range(len(images)):
+        yield Record(offset + i, png_bytes(images[i]), f"fashion-mnist:{split}/{i}", [int(labels[i])])
+
+
+def path_id(rel_path: str) -> int:
+    """Stable non-negative int64 id from a relative path (first 63 bits of its sha256)."""
+    return int.from_bytes(hashlib.sha256(rel_path.encode()).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def folder_records(directory: str) -> Iterator[Record]:
+    """Image files under a folder; a first-level sub-folder name that is an integer is the label."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise SSCQError(f"image folder not found: {directory}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SSCQError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        parts = rel.split("/")
+        label = [int(parts[0])] if len(parts) > 1 and parts[0].lstrip("-").isdigit() else None
+        yield Record(path_id(rel), p.read_bytes(), str(p.resolve()), label)
+
+
+def parquet_records(uri: str, storage: Optional[StorageConfig]) -> Iterator[Record]:
+    """Rows of existing image shards (re-sharding keeps ids)."""
+    for f in validate_shards(resolve(uri, storage)):
+        with f.fs.open_input_file(f.path) as fh:
+            table = pq.read_table(fh)
+        cols = table.column_names
+        ids = table.column("id").to_pylist()
+        imgs = table.column("image").to_pylist()
+        uris = table.column("uri").to_pylist() if "uri" in cols else [None] * len(ids)
+        labels = table.column("label").to_pylist() if "label" in cols else [None] * len(ids)
+        for r in zip(ids, imgs, uris, labels):
+            yield Record(*r)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def records_to_table(records: Sequence[Record]) -> pa.Table:
+    return pa.Table.from_pydict({
+        "id": [r.id for r in records],
+        "image": [r.image for r in records],
+        "uri": [r.uri for r in records],
+        "label": [r.label for r in records],
+    }, schema=IMAGE_SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARD_PREFIX}{i:05d}.parquet"
+
+
+def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int, overwrite: bool,
+                 total: Optional[int] = None, progress: bool = True, check_duplicates: bool = True) -> IngestSummary:
+    """Stream records into `part-NNNNN.parquet` shards under dest; each shard appears whole.
+
+    A non-empty destination is refused unless overwrite; with overwrite, shards beyond the
+    new count are removed only after every new shard is written.
+    """
+    from tqdm import tqdm
+
+    if rows_per_shard < 1:
+        raise SSCQError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    existing = shard_files(dest)
+    if existing and not overwrite:
+        raise StorageError(f"destination {dest.uri} already holds {len(existing)} shard(s); pass --overwrite to replace them")
+    t0 = time.perf_counter()
+    seen: set[int] = set()
+    buf: list[Record] = []
+    n_rows = n_bytes = n_shards = 0
+    bar = tqdm(total=total, desc=f"ingest {dest.uri}", unit="img", disable=not progress, mininterval=1.0)
+
+    def flush() -> None:
+        nonlocal n_bytes, n_shards
+        data = table_bytes(records_to_table(buf))
+        atomic_write_bytes(dest.join(shard_name(n_shards)), data)
+        n_bytes += len(data)
+        n_shards += 1
+        buf.clear()
+
+    for rec in records:
+        if check_duplicates:
+            if rec.id in seen:
+                raise SSCQError(f"duplicate id {rec.id} in the source (ids must be unique); nothing after shard {n_shards} was written")
+            seen.add(rec.id)
+        buf.append(rec)
+        n_rows += 1
+        bar.update(1)
+        if len(buf) >= rows_per_shard:
+            flush()
+    if buf:
+        flush()
+    bar.close()
+    if n_rows == 0:
+        raise SSCQError("the source holds no images; nothing was written")
+    for old in existing:
+        if old.path.rsplit("/", 1)[-1] >= shard_name(n_shards):
+            delete(old)
+    return IngestSummary(dest.uri, n_rows, n_shards, n_bytes, time.perf_counter() - t0)
+
+
+def ingest(source: str, dest_uri: str, rows_per_shard: int = 10_000, overwrite: bool = False,
+           source_path: Optional[str] = None, splits: Sequence[str] = ("train", "test"),
+           storage: Optional[StorageConfig] = None, progress: bool = True) -> list[IngestSummary]:
+    """Ingest one source into dest_uri; returns one summary per written prefix."""
+    dest = resolve(dest_uri, storage)
+    with_retries(lambda: dest.fs.get_file_info(dest.path), f"reach {dest.uri}", storage)
+    out: list[IngestSummary] = []
+    if source == "digits":
+        for split in splits:
+            recs = digits_records(split)
+            out.append(write_shards(iter(recs), dest.join(split), rows_per_shard, overwrite, len(recs), progress))
+    elif source == "fashion_mnist":
+        directory = source_path or FASHION_MNIST_DIR
+        for split in splits:
+            total = 60_000 if split == "train" else 10_000
+            out.append(write_shards(fashion_mnist_records(split, directory), dest.join(split), rows_per_shard,
+                                    overwrite, total, progress))
+    elif source == "folder":
+        if not source_path:
+            raise SSCQError("--source folder needs --source-path DIR")
+        out.append(write_shards(folder_records(source_path), dest, rows_per_shard, overwrite, None, progress))
+    elif source == "parquet":
+        if not source_path:
+            raise SSCQError("--source parquet needs --source-path URI")
+        out.append(write_shards(parquet_records(source_path, storage), dest, rows_per_shard, overwrite, None, progress))
+    else:
+        raise SSCQError(f"unknown --source {source!r} (digits, fashion_mnist, folder, parquet)")
+    return out

@@ -1,0 +1,226 @@
+"""One place that turns a URI into a filesystem (local path, file://, s3://).
+
+The pyarrow filesystem returned here serves pyarrow.parquet, Ray Data and plain reads and
+writes alike. S3 goes through s3fs (wrapped for pyarrow), with the endpoint from config or
+`AWS_ENDPOINT_URL` and credentials only from the standard AWS chain; no credential is ever
+read, stored or logged by this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from sscq_dist.config import StorageConfig
+from sscq_dist.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+ALLOWED_SCHEMES = ("", "file", "s3")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: a pyarrow filesystem and the path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def join(self, *parts: str) -> "Location":
+        path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
+        uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
+        return Location(self.fs, path, uri)
+
+
+def validate_uri(uri: str) -> str:
+    """Refuse schemes outside the allow-list (local path, file://, s3://) before any use."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"empty storage URI: {uri!r}")
+    scheme = urlparse(uri).scheme.lower()
+    # A Windows drive letter parses as a one-letter scheme; treat it as local.
+    if len(scheme) == 1:
+        scheme = ""
+    if scheme not in ALLOWED_SCHEMES:
+        raise StorageError(f"unsupported URI scheme '{scheme}://' in {redact_uri(uri)} (allowed: local path, file://, s3://)")
+    if scheme == "s3" and not urlparse(uri).netloc:
+        raise StorageError(f"S3 URI without a bucket: {redact_uri(uri)}")
+    return uri
+
+
+def redact_uri(uri: str) -> str:
+    """Drop any user:password@ part so a URI can be logged."""
+    p = urlparse(uri)
+    if p.password or p.username:
+        netloc = p.hostname or ""
+        if p.port:
+            netloc += f":{p.port}"
+        return p._replace(netloc=netloc).geturl()
+    return uri
+
+
+def endpoint_url(cfg: Optional[StorageConfig] = None) -> Optional[str]:
+    return (cfg.endpoint_url if cfg and cfg.endpoint_url else None) or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
+    """An s3fs filesystem for the configured endpoint (credentials from the AWS chain)."""
+    import s3fs
+
+    client_kwargs = {}
+    url = endpoint_url(cfg)
+    if url:
+        client_kwargs["endpoint_url"] = url
+    region = (cfg.region if cfg else None) or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    attempts = cfg.max_attempts if cfg else 4
+    return s3fs.S3FileSystem(
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"max_attempts": attempts, "mode": "standard"},
+                       "connect_timeout": 5, "read_timeout": 30},
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
+
+
+def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
+    """URI -> Location(fs, path). Local paths become absolute."""
+    validate_uri(uri)
+    p = urlparse(uri)
+    scheme = p.scheme.lower() if len(p.scheme) > 1 else ""
+    if scheme == "s3":
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(s3fs_filesystem(cfg)))
+        path = (p.netloc + p.path).rstrip("/")
+        return Location(fs, path, f"s3://{path}")
+    local = p.path if scheme == "file" else uri
+    local = os.path.abspath(os.path.expanduser(local))
+    return Location(pafs.LocalFileSystem(), local, local)
+
+
+def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = None) -> T:
+    """Call fn with bounded retries and exponential backoff on connection errors.
+
+    Errors that are not transient (missing file, permission) are raised at once.
+    """
+    attempts = cfg.max_attempts if cfg else 4
+    backoff = cfg.retry_backoff_s if cfg else 0.5
+    transient = _transient_errors()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
+            raise
+        except transient as exc:
+            if attempt == attempts:
+                raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({type(exc).__name__}: {_first_line(exc)})") from None
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, type(exc).__name__, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _transient_errors() -> tuple:
+    errs: list = [OSError, ConnectionError, TimeoutError]
+    try:  # botocore's connection errors do not derive from OSError
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+        errs += [BotoConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def exists(loc: Location) -> bool:
+    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+    return info.type != pafs.FileType.NotFound
+
+
+def is_dir(loc: Location) -> bool:
+    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+    return info.type == pafs.FileType.Directory
+
+
+def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
+    """Files directly under a prefix, sorted by path; [] when the prefix does not exist."""
+    def _ls():
+        sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
+        return loc.fs.get_file_info(sel)
+
+    infos = with_retries(_ls, f"list {loc.uri}")
+    return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+                   and not i.base_name.startswith(".")), key=lambda i: i.path)
+
+
+def read_bytes(loc: Location) -> bytes:
+    def _read():
+        with loc.fs.open_input_stream(loc.path) as f:
+            return f.read()
+
+    try:
+        return with_retries(_read, f"read {loc.uri}")
+    except FileNotFoundError:
+        raise StorageError(f"not found: {loc.uri}") from None
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Plain write (the object appears whole on S3; locally use atomic_write_bytes)."""
+    def _write():
+        if not loc.is_s3:
+            loc.fs.create_dir(os.path.dirname(loc.path), recursive=True)
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+
+    with_retries(_write, f"write {loc.uri}")
+
+
+def atomic_write_bytes(loc: Location, data: bytes) -> None:
+    """Write to a temporary object next to the target, then replace the target.
+
+    Readers see the old or the new content, never a partial one. Locally this is
+    os.replace; on S3 a PUT is atomic per object, and the temporary-then-copy keeps a
+    killed upload from leaving a truncated target.
+    """
+    parent = loc.path.rsplit("/", 1)[0]
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{loc.path.rsplit('/', 1)[-1]}"
+    tmp_loc = Location(loc.fs, tmp, loc.uri.rsplit("/", 1)[0] + "/" + tmp.rsplit("/", 1)[-1])
+    write_bytes(tmp_loc, data)
+    try:
+        with_retries(lambda: loc.fs.move(tmp, loc.path), f"replace {loc.uri}")
+    finally:
+        try:
+            if exists(tmp_loc):
+                loc.fs.delete_file(tmp)
+        except Exception:  # best effort: a leftover .tmp- object is ignored by readers
+            pass
+
+
+def delete(loc: Location) -> None:
+    if not exists(loc):
+        return
+    if is_dir(loc):
+        with_retries(lambda: loc.fs.delete_dir(loc.path), f"delete {loc.uri}")
+    else:
+        with_retries(lambda: loc.fs.delete_file(loc.path), f"delete {loc.uri}")
+
+
+def ensure_dir(loc: Location) -> None:
+    if not loc.is_s3:
+        loc.fs.create_dir(loc.path, recursive=True)

@@ -1,0 +1,136 @@
+"""MLflow tracking: where runs go, and logging that survives a tracking-server outage.
+
+Training must not stop because the tracking server is down: `RunLogger` retries each call a
+bounded number of times, then keeps the metrics in memory, warns once, and flushes them
+when the server answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from sscq_dist.config import Config, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+# Secrets never go to MLflow: params whose key contains one of these are dropped.
+SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+
+
+def tracking_uri(cfg: Optional[TrackingConfig] = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory."""
+    uri = (cfg.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+
+
+def metric_key(name: str) -> str:
+    """MLflow allows only [A-Za-z0-9_-. :/] in metric names: `precision@10` -> `precision_at_10`."""
+    return name.replace("@", "_at_")
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def configure(cfg: Optional[TrackingConfig] = None) -> str:
+    """Point the mlflow client at the tracking URI; returns it."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """Experiment id, creating it with an absolute artifact root for local stores.
+
+    A relative artifact root would follow each process's working directory (Ray workers,
+    job working dirs), so local stores get `<cwd>/mlartifacts` spelled out.
+    """
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = None
+    if is_local_store(uri):
+        loc = "file://" + os.path.abspath(DEFAULT_ARTIFACTS)
+    try:
+        return mlflow.create_experiment(name, artifact_location=loc)
+    except Exception:  # created concurrently by another process
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def safe_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as flat MLflow params, minus anything that looks like a secret."""
+    out = {}
+    for k, v in cfg.flat().items():
+        if any(m in k.lower() for m in SECRET_MARKERS):
+            continue
+        out[k] = "" if v is None else str(v)[:500]
+    return out
+
+
+class RunLogger:
+    """Logs metrics to one MLflow run with retries and an in-memory buffer during outages."""
+
+    def __init__(self, uri: str, run_id: str, max_attempts: int = 3, backoff_s: float = 0.5,
+                 max_buffer: int = 100_000):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_buffer = max_buffer
+        self.buffer: list = []
+        self.warned = False
+        self.failures = 0
+
+    def _send(self, metrics: list) -> bool:
+        for attempt in range(self.max_attempts):
+            try:
+                for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+                    self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
+                return True
+            except Exception as exc:  # any transport/server error: retry, then buffer
+                last = exc
+                time.sleep(self.backoff_s * 2 ** attempt)
+        self.failures += 1
+        if not self.warned:
+            log.warning("MLflow tracking unreachable (%s); buffering metrics in memory and continuing",
+                        type(last).__name__)
+            self.warned = True
+        return False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        if len(self.buffer) > self.max_buffer:
+            self.buffer = self.buffer[-self.max_buffer:]
+        self.flush()
+
+    def flush(self) -> bool:
+        if not self.buffer:
+            return True
+        pending, self.buffer = self.buffer, []
+        if self._send(pending):
+            if self.warned:
+                log.warning("MLflow tracking reachable again; flushed %d buffered metrics", len(pending))
+                self.warned = False
+            return True
+        self.buffer = pending + self.buffer
+        return False

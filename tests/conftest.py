@@ -1,0 +1,93 @@
+"""Shared fixtures: real local services only (moto S3 server, local Ray, SQLite MLflow)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# Fake, test-only credentials for the local S3 endpoint; tests grep outputs for these values.
+FAKE_KEY_ID = "AKIATESTSSCQ00000001"
+FAKE_SECRET = "sscq-test-secret-value-do-not-log-000000"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1; code reaches it only through its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                           "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+                       "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket per test: returns its name."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True).mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (4 logical CPUs: 2 train workers + Ray Data tasks)."""
+    import ray
+
+    from sscq_dist.train.driver import quiet_ray_data
+
+    quiet_ray_data()
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Digits ingested once: <dir>/train (1,500 rows) and <dir>/test (297 rows)."""
+    from sscq_dist.ingest import ingest
+
+    d = tmp_path_factory.mktemp("digits")
+    ingest("digits", str(d), rows_per_shard=500, progress=False)
+    return str(d)
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    """A real MLflow tracking store in a SQLite file (per test)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
