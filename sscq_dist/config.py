@@ -62,6 +62,13 @@ class DataConfig:
     channels: int = 1
     # Rows per Ray Data decode/augment task batch.
     decode_batch_size: int = 256
+    # Batches each training worker prefetches from the stream.
+    prefetch_batches: int = 4
+    # Rows shuffled locally by each training worker's iterator (0 = off).
+    shuffle_buffer: int = 1024
+    # Training sets up to this many rows are decoded once and cached in the object store
+    # (uint8 pixels), and all epochs stream from one execution; larger ones stream per epoch.
+    cache_max_rows: int = 2_000_000
     # Decoded pixels above this count are refused (decompression-bomb guard).
     max_image_pixels: int = 50_000_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -139,6 +146,8 @@ class TrackingConfig:
     registered_model: str = "sscq"
     # Retries while the tracking server is unreachable before a warning and buffering.
     max_attempts: int = 3
+    # Local folder for the PNG plots and JSON reports also logged as MLflow artifacts.
+    output_dir: str = "outputs"
 
 
 @dataclass
@@ -153,12 +162,17 @@ class EvalConfig:
 class IndexConfig:
     index_type: str = "pq_fastscan"
     nlist: int = 1024
-    # Lists scanned per query; 128 of 1024 keeps recall@10 >= 0.95 vs exhaustive ADC (benchmarks/index_bench.py).
-    nprobe: int = 128
+    # Lists scanned per query; 160 of 1024 keeps recall@10 >= 0.95 vs exhaustive ADC (benchmarks/index_bench.py).
+    nprobe: int = 160
     # Embeddings kept (uniform random sample) to train the IVF coarse quantizer.
     ivf_train_sample: int = 100_000
     # k-means iterations for the IVF coarse quantizer (FAISS uses 10 for IVF training too).
     kmeans_iters: int = 10
+    # One GPU per encoding actor (clusters with GPUs).
+    use_gpu: bool = False
+    # index_metrics.json: recall of the served index against exhaustive ADC over the same codes.
+    metrics_queries: int = 1000
+    metrics_max_rows: int = 2_000_000
     encode_batch_size: int = 512
     encode_concurrency: int = 1
     # Source image shards encoded into one index shard.
@@ -278,6 +292,9 @@ def validate(cfg: Config) -> Config:
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(d.decode_batch_size >= 1, "data.decode_batch_size", f"must be >= 1, got {d.decode_batch_size}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _check(d.cache_max_rows >= 0, "data.cache_max_rows", f"must be >= 0, got {d.cache_max_rows}")
+    _check(d.prefetch_batches >= 0, "data.prefetch_batches", f"must be >= 0, got {d.prefetch_batches}")
     _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
     for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
         v = getattr(a, name)
@@ -314,6 +331,7 @@ def validate(cfg: Config) -> Config:
     _check(ix.index_type in INDEX_TYPES, "index.index_type", f"must be one of {INDEX_TYPES}, got {ix.index_type!r}")
     _check(ix.nlist >= 1, "index.nlist", f"must be >= 1, got {ix.nlist}")
     _check(1 <= ix.nprobe, "index.nprobe", f"must be >= 1, got {ix.nprobe}")
+    _check(ix.metrics_queries >= 1, "index.metrics_queries", f"must be >= 1, got {ix.metrics_queries}")
     _check(ix.kmeans_iters >= 1, "index.kmeans_iters", f"must be >= 1, got {ix.kmeans_iters}")
     _check(ix.ivf_train_sample >= ix.nlist, "index.ivf_train_sample",
            f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")

@@ -91,3 +91,27 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
+
+
+def make_cfg(workdir, digits_dir, *overrides):
+    """The digits demo config pointed at test-local data, runs, MLflow store and outputs."""
+    from sscq_dist.config import load_config
+
+    return load_config(os.path.join(REPO, "configs", "digits.yaml"), [
+        f"data.train_uri={digits_dir}/train", f"data.queries_uri={digits_dir}/test",
+        f"train.storage_path={workdir}/runs", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        f"tracking.output_dir={workdir}/outputs", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, digits_dir, ray_local):
+    """One full demo-config training run (2 workers, ZeRO 1), shared by the tests that need a model."""
+    import time
+
+    from sscq_dist.train.driver import run_training
+
+    work = tmp_path_factory.mktemp("trained")
+    cfg = make_cfg(work, digits_dir)
+    t0 = time.perf_counter()
+    result = run_training(cfg)
+    return {"cfg": cfg, "result": result, "seconds": time.perf_counter() - t0, "workdir": str(work)}

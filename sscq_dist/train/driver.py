@@ -50,7 +50,9 @@ def init_ray(cfg: Config, address: Optional[str] = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # RAY_ADDRESS may name the job server (http://head:8265), which `ray job submit`
+        # needs; a driver started by hand on a cluster node then joins that node's cluster.
+        ray.init(address="auto" if address.startswith("http") else address, log_to_driver=True)
         return
     # Logical CPUs: the train workers' share plus room for Ray Data's decode/augment tasks.
     need = int(cfg.train.num_workers * cfg.train.cpus_per_worker) + 2
@@ -144,7 +146,17 @@ def _start_or_resume_run(cfg: Config, uri: str) -> tuple[str, str, bool]:
     return ray_name, run.info.run_id, False
 
 
-def build_trainer(cfg: Config, ray_name: str, loop_config: dict):
+def train_dataset(cfg: Config, rows: int):
+    """(dataset, single_stream): all epochs in one stream when the set fits the decode cache."""
+    from sscq_dist.data.pipeline import cached_epochs_dataset
+
+    source = read_images(cfg.data.train_uri, cfg)
+    if rows <= cfg.data.cache_max_rows:
+        return cached_epochs_dataset(source, cfg, cfg.train.epochs, cfg.train.seed), True
+    return two_view_dataset(source.randomize_block_order(seed=cfg.train.seed), cfg), False
+
+
+def build_trainer(cfg: Config, ray_name: str, loop_config: dict, rows: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -153,7 +165,8 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict):
     root = _storage_root(cfg)
     if not root.is_s3:
         os.makedirs(root.path, exist_ok=True)
-    dataset = two_view_dataset(read_images(cfg.data.train_uri, cfg), cfg)
+    dataset, single_stream = train_dataset(cfg, rows)
+    loop_config = {**loop_config, "single_stream": single_stream}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -194,7 +207,7 @@ def run_training(cfg: Config, address: Optional[str] = None) -> TrainResult:
              ray_name, rows, spe, cfg.train.epochs, cfg.train.num_workers, cfg.train.zero_stage,
              " (resumed)" if resumed else "")
     trainer = build_trainer(cfg, ray_name, {"cfg": cfg.to_dict(), "steps_per_epoch": spe,
-                                            "run_id": run_id, "tracking_uri": uri})
+                                            "run_id": run_id, "tracking_uri": uri}, rows)
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -255,7 +268,7 @@ def _log_curves(run_id: str, cfg: Config) -> None:
     axes[1].set_ylabel("codeword usage entropy (nats)")
     fig.suptitle(f"SSCQ training {cfg.train.run_name} ({cfg.model.bits} bits)")
     fig.tight_layout()
-    out_dir = os.path.abspath("outputs")
+    out_dir = os.path.abspath(cfg.tracking.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{cfg.train.run_name}-loss.png")
     fig.savefig(path, dpi=100)

@@ -137,7 +137,23 @@ def train_func(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard(TRAIN_DATASET)
     in_dtype = torch.bfloat16 if bf16 else torch.float32
     k = cfg.model.num_codewords
+    # Small sets: one Ray Data execution streams every epoch (decoded once, augmented per
+    # pass), so no epoch pays the pipeline start-up. Large sets: one execution per epoch.
+    single_stream = bool(loop_config.get("single_stream"))
+
+    def new_stream():
+        return iter(shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None))
+
+    stream = new_stream() if single_stream else None
+    if single_stream and start_epoch:
+        # A resumed run's single stream still starts at pass 0: skip the passes already trained.
+        for _ in _take(stream, start_epoch * steps_per_epoch):
+            pass
     for epoch in range(start_epoch, cfg.train.epochs):
+        if not single_stream:
+            stream = new_stream()
         engine.train()
         use_bank = bank is not None and epoch >= cfg.bank.warmup_epochs
         drops = DropCounter()
@@ -147,9 +163,7 @@ def train_func(loop_config: dict) -> None:
         data_wait = compute = 0.0
         epoch_t0 = time.perf_counter()
         t_ready = time.perf_counter()
-        batches = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                           prefetch_batches=2)
-        for raw in batches:
+        for raw in _take(stream, steps_per_epoch):
             t_data = time.perf_counter()
             data_wait += t_data - t_ready
             batch = _equalise_batch(drops.filter(raw), world, device)
@@ -184,8 +198,6 @@ def train_func(loop_config: dict) -> None:
                 print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {steps}/{steps_per_epoch} "
                       f"loss {float(losses['total'].detach()):.4f} "
                       f"{n * world * steps / max(1e-9, t_ready - epoch_t0):.0f} img/s", flush=True)
-            if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
-                break
         epoch_s = time.perf_counter() - epoch_t0
         metrics = _epoch_metrics(sums, steps, usage, drops, data_wait, epoch_s, world, device)
         metrics.update(epoch=epoch, global_step=global_step, images_seen=images_seen,
@@ -208,6 +220,15 @@ def train_func(loop_config: dict) -> None:
                   f"{metrics['images_per_s']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
                   f"dropped {metrics['dropped_images']}, codeword entropy {metrics['codeword_entropy']:.2f}",
                   flush=True)
+
+
+def _take(stream, n: int):
+    """The next n batches of the stream (fewer only if the stream ends)."""
+    for _ in range(n):
+        try:
+            yield next(stream)
+        except StopIteration:
+            return
 
 
 def _codebooks(engine) -> torch.Tensor:
