@@ -23,6 +23,9 @@ def setup_logging() -> None:
     # Libraries that are chatty at INFO.
     for name in ("botocore", "s3fs", "urllib3", "aiobotocore", "alembic", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs store errors with a full traceback before raising them; jobs report
+    # the error themselves in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -43,4 +46,10 @@ def run_main(main: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
+    except Exception as exc:  # an unexpected failure still ends in one line (SSCQ_DEBUG=1: traceback)
+        if os.environ.get("SSCQ_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(exc).__name__}: {first} (set SSCQ_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = EXIT_ERROR
     sys.exit(code or 0)

@@ -133,6 +133,10 @@ class TrainConfig:
     storage_path: str = "runs"
     run_name: str = "sscq-digits"
     max_failures: int = 2
+    # Checkpoint (every rank saves, then report) every N epochs and after the last one.
+    checkpoint_every_epochs: int = 1
+    # Checkpoints Ray Train keeps per run (0 = all; the quality benchmark evaluates each one).
+    keep_checkpoints: int = 2
     log_every_steps: int = 10
     # Cap on steps per epoch (0 = a full pass); used for smoke tests and benchmarks.
     max_steps_per_epoch: int = 0
@@ -146,6 +150,8 @@ class TrackingConfig:
     registered_model: str = "sscq"
     # Retries while the tracking server is unreachable before a warning and buffering.
     max_attempts: int = 3
+    # Per-request timeout of the training metrics logger (one HTTP try per attempt).
+    request_timeout_s: int = 10
     # Local folder for the PNG plots and JSON reports also logged as MLflow artifacts.
     output_dir: str = "outputs"
 
@@ -177,7 +183,8 @@ class IndexConfig:
     encode_concurrency: int = 1
     # Source image shards encoded into one index shard.
     source_shards_per_index_shard: int = 1
-    lock_ttl_s: float = 3600.0
+    # Index-root lock lease; a heartbeat renews it, so a dead writer's lease lapses this fast.
+    lock_ttl_s: float = 120.0
 
 
 @dataclass
@@ -318,6 +325,9 @@ def validate(cfg: Config) -> Config:
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
     _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")
+    _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs",
+           f"must be >= 1, got {t.checkpoint_every_epochs}")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {t.max_steps_per_epoch}")
     b = cfg.bank
@@ -325,6 +335,9 @@ def validate(cfg: Config) -> Config:
     _check(b.size % t.num_workers == 0, "bank.size",
            f"must be divisible by train.num_workers={t.num_workers}, got {b.size}")
     _check(b.warmup_epochs >= 0, "bank.warmup_epochs", f"must be >= 0, got {b.warmup_epochs}")
+    _check(cfg.tracking.max_attempts >= 1, "tracking.max_attempts", f"must be >= 1, got {cfg.tracking.max_attempts}")
+    _check(cfg.tracking.request_timeout_s >= 1, "tracking.request_timeout_s",
+           f"must be >= 1, got {cfg.tracking.request_timeout_s}")
     _check(cfg.eval.topk >= 1, "eval.topk", f"must be >= 1, got {cfg.eval.topk}")
     _check(cfg.eval.gate_topk >= 1, "eval.gate_topk", f"must be >= 1, got {cfg.eval.gate_topk}")
     ix = cfg.index

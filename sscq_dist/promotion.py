@@ -47,16 +47,13 @@ class Decision:
 
 
 def decide(candidate_map: float, champion_map: Optional[float], min_improvement: float) -> tuple[bool, str]:
-    """The gate: promote iff there is no champion or candidate >= champion + min_improvement
-    (strictly greater when min_improvement is 0, so a tie keeps the champion)."""
+    """The gate: promote iff there is no champion or candidate >= champion + min_improvement,
+    strictly greater at the default margin 0 (a tie keeps the champion)."""
     if champion_map is None:
         return True, "no champion yet"
     delta = candidate_map - champion_map
-    if min_improvement > 0:
-        ok = delta >= min_improvement
-    else:
-        ok = delta > 0
-    rel = ">=" if min_improvement > 0 else ">"
+    ok = delta > 0 if min_improvement == 0 else delta >= min_improvement
+    rel = ">" if min_improvement == 0 else ">="
     return ok, (f"improvement {delta:+.4f} {'meets' if ok else 'misses'} the gate ({rel} {min_improvement:g})")
 
 
@@ -89,10 +86,9 @@ def gate_score(model_uri: str, cfg: Config, cache: dict) -> tuple[float, str]:
 
 def promote(name: str, candidate: str, cfg: Config, min_improvement: float = 0.0, dry_run: bool = False) -> Decision:
     """Score candidate and champion on the gate set, record the decision, move the alias if earned."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from sscq_dist.tracking import configure, ensure_experiment
+    from sscq_dist.tracking import configure
 
     uri = configure(cfg.tracking)
     client = MlflowClient()
@@ -110,6 +106,25 @@ def promote(name: str, candidate: str, cfg: Config, min_improvement: float = 0.0
     ok, reason = decide(cand_map, champ_map, min_improvement)
     d = Decision(ok, reason, str(candidate), champion, cand_map, champ_map, dry_run)
 
+    try:
+        _record(d, name, candidate, champion, cand_map, champ_map, ok, reason, min_improvement, dry_run, cfg, uri)
+    except Exception as exc:
+        raise RegistryError(f"MLflow failed while recording the promotion of {name} v{candidate} "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
+                            f"alias '{CHAMPION}' unchanged") from None
+    return d
+
+
+def _record(d: Decision, name: str, candidate: str, champion: Optional[str], cand_map: float,
+            champ_map: Optional[float], ok: bool, reason: str, min_improvement: float, dry_run: bool,
+            cfg: Config, uri: str) -> None:
+    """Log the decision run and version tags, then (last) move the alias."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from sscq_dist.tracking import ensure_experiment
+
+    client = MlflowClient()
     exp_id = ensure_experiment(PROMOTION_EXPERIMENT, uri)
     with mlflow.start_run(experiment_id=exp_id, run_name=f"promote-{name}-v{candidate}"):
         mlflow.log_params({"model_name": name, "candidate": candidate, "champion": champion or "none",
@@ -128,4 +143,3 @@ def promote(name: str, candidate: str, cfg: Config, min_improvement: float = 0.0
         if ok:
             # Last write: everything above may fail and leave the alias untouched.
             client.set_registered_model_alias(name, CHAMPION, candidate)
-    return d

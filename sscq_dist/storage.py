@@ -12,10 +12,11 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sscq_dist.config import StorageConfig
@@ -34,6 +35,8 @@ class Location:
     fs: pafs.FileSystem
     path: str
     uri: str
+    # Retry settings for every call through this location (None: StorageConfig defaults).
+    storage: Optional[StorageConfig] = field(default=None, compare=False)
 
     @property
     def is_s3(self) -> bool:
@@ -42,7 +45,7 @@ class Location:
     def join(self, *parts: str) -> "Location":
         path = "/".join([self.path.rstrip("/"), *[p.strip("/") for p in parts]])
         uri = "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts]])
-        return Location(self.fs, path, uri)
+        return Location(self.fs, path, uri, self.storage)
 
 
 def validate_uri(uri: str) -> str:
@@ -96,28 +99,44 @@ def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
     )
 
 
+class _FSSpecHandler(pafs.FSSpecHandler):
+    """pyarrow's fsspec bridge, except that opening a file lets connection errors through.
+
+    The stock handler first asks `isfile`, which answers False for any error, so an
+    unreachable endpoint would read as a missing file and never be retried.
+    """
+
+    def open_input_stream(self, path):
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    def open_input_file(self, path):
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+
 def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
     """URI -> Location(fs, path). Local paths become absolute."""
     validate_uri(uri)
     p = urlparse(uri)
     scheme = p.scheme.lower() if len(p.scheme) > 1 else ""
     if scheme == "s3":
-        fs = pafs.PyFileSystem(pafs.FSSpecHandler(s3fs_filesystem(cfg)))
+        fs = pafs.PyFileSystem(_FSSpecHandler(s3fs_filesystem(cfg)))
         path = (p.netloc + p.path).rstrip("/")
-        return Location(fs, path, f"s3://{path}")
+        return Location(fs, path, f"s3://{path}", cfg)
     local = p.path if scheme == "file" else uri
     local = os.path.abspath(os.path.expanduser(local))
-    return Location(pafs.LocalFileSystem(), local, local)
+    return Location(pafs.LocalFileSystem(), local, local, cfg)
 
 
-def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = None) -> T:
+def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = None,
+                 transient: Optional[tuple] = None) -> T:
     """Call fn with bounded retries and exponential backoff on connection errors.
 
     Errors that are not transient (missing file, permission) are raised at once.
+    transient: the exception types to retry (default: OSError and connection errors).
     """
     attempts = cfg.max_attempts if cfg else 4
     backoff = cfg.retry_backoff_s if cfg else 0.5
-    transient = _transient_errors()
+    transient = transient or _transient_errors()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -133,7 +152,12 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
 
 
 def _transient_errors() -> tuple:
-    errs: list = [OSError, ConnectionError, TimeoutError]
+    return (OSError,) + connection_errors()
+
+
+def connection_errors() -> tuple:
+    """Errors meaning the endpoint did not answer (never an answer such as 404 or 412)."""
+    errs: list = [ConnectionError, TimeoutError]
     try:  # botocore's connection errors do not derive from OSError
         from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 
@@ -149,12 +173,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def exists(loc: Location) -> bool:
-    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.storage)
     return info.type != pafs.FileType.NotFound
 
 
 def is_dir(loc: Location) -> bool:
-    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}")
+    info = with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.storage)
     return info.type == pafs.FileType.Directory
 
 
@@ -164,7 +188,7 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
         return loc.fs.get_file_info(sel)
 
-    infos = with_retries(_ls, f"list {loc.uri}")
+    infos = with_retries(_ls, f"list {loc.uri}", loc.storage)
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
 
@@ -175,7 +199,7 @@ def read_bytes(loc: Location) -> bytes:
             return f.read()
 
     try:
-        return with_retries(_read, f"read {loc.uri}")
+        return with_retries(_read, f"read {loc.uri}", loc.storage)
     except FileNotFoundError:
         raise StorageError(f"not found: {loc.uri}") from None
 
@@ -188,7 +212,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
         with loc.fs.open_output_stream(loc.path) as f:
             f.write(data)
 
-    with_retries(_write, f"write {loc.uri}")
+    with_retries(_write, f"write {loc.uri}", loc.storage)
 
 
 def atomic_write_bytes(loc: Location, data: bytes) -> None:
@@ -200,25 +224,25 @@ def atomic_write_bytes(loc: Location, data: bytes) -> None:
     """
     parent = loc.path.rsplit("/", 1)[0]
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{loc.path.rsplit('/', 1)[-1]}"
-    tmp_loc = Location(loc.fs, tmp, loc.uri.rsplit("/", 1)[0] + "/" + tmp.rsplit("/", 1)[-1])
+    tmp_loc = Location(loc.fs, tmp, loc.uri.rsplit("/", 1)[0] + "/" + tmp.rsplit("/", 1)[-1], loc.storage)
     write_bytes(tmp_loc, data)
     try:
-        with_retries(lambda: loc.fs.move(tmp, loc.path), f"replace {loc.uri}")
-    finally:
-        try:
-            if exists(tmp_loc):
-                loc.fs.delete_file(tmp)
-        except Exception:  # best effort: a leftover .tmp- object is ignored by readers
+        with_retries(lambda: loc.fs.move(tmp, loc.path), f"replace {loc.uri}", loc.storage)
+    except BaseException:
+        try:  # one best-effort try (no retries during an outage): readers ignore .tmp- objects
+            loc.fs.delete_file(tmp)
+        except Exception:
             pass
+        raise
 
 
 def delete(loc: Location) -> None:
     if not exists(loc):
         return
     if is_dir(loc):
-        with_retries(lambda: loc.fs.delete_dir(loc.path), f"delete {loc.uri}")
+        with_retries(lambda: loc.fs.delete_dir(loc.path), f"delete {loc.uri}", loc.storage)
     else:
-        with_retries(lambda: loc.fs.delete_file(loc.path), f"delete {loc.uri}")
+        with_retries(lambda: loc.fs.delete_file(loc.path), f"delete {loc.uri}", loc.storage)
 
 
 def ensure_dir(loc: Location) -> None:

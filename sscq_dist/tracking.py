@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from sscq_dist.config import Config, TrackingConfig
 
@@ -82,11 +83,34 @@ def safe_params(cfg: Config) -> dict[str, str]:
     return out
 
 
+@contextmanager
+def _single_http_try(timeout_s: int) -> Iterator[None]:
+    """MLflow's client retries a refused connection for minutes by default (7 retries with
+    exponential backoff); inside this block each request is tried once with a short timeout,
+    so the caller's own bounded retries decide. Process-wide env: use only where no other
+    thread talks to MLflow (the rank-0 training worker)."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class RunLogger:
-    """Logs metrics to one MLflow run with retries and an in-memory buffer during outages."""
+    """Logs metrics to one MLflow run with retries and an in-memory buffer during outages.
+
+    Training never waits long on tracking: each attempt is one HTTP request with
+    request_timeout_s, and once an outage is known every call makes a single attempt.
+    """
 
     def __init__(self, uri: str, run_id: str, max_attempts: int = 3, backoff_s: float = 0.5,
-                 max_buffer: int = 100_000):
+                 max_buffer: int = 100_000, request_timeout_s: int = 10):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -94,19 +118,23 @@ class RunLogger:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.max_buffer = max_buffer
+        self.request_timeout_s = request_timeout_s
         self.buffer: list = []
         self.warned = False
         self.failures = 0
 
     def _send(self, metrics: list) -> bool:
-        for attempt in range(self.max_attempts):
+        attempts = 1 if self.warned else self.max_attempts
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-                    self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
+                with _single_http_try(self.request_timeout_s):
+                    for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+                        self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], synchronous=True)
                 return True
             except Exception as exc:  # any transport/server error: retry, then buffer
                 last = exc
-                time.sleep(self.backoff_s * 2 ** attempt)
         self.failures += 1
         if not self.warned:
             log.warning("MLflow tracking unreachable (%s); buffering metrics in memory and continuing",

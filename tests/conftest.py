@@ -56,8 +56,12 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the session (4 logical CPUs: 2 train workers + Ray Data tasks)."""
+def ray_local(s3_server):
+    """One local Ray for the session (4 logical CPUs: 2 train workers + Ray Data tasks).
+
+    Started after the S3 endpoint so its workers inherit the endpoint and test credentials
+    from the environment, as cluster nodes get theirs from the instance role.
+    """
     import ray
 
     from sscq_dist.train.driver import quiet_ray_data

@@ -18,7 +18,7 @@ from sscq_dist.ingest import ingest, png_bytes
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("configs/digits.yaml", ["data.decode_batch_size=64"])
+    return load_config("configs/digits.yaml", ["data.decode_batch_size=64", "data.image_size=28"])
 
 
 def test_two_views_from_s3(ray_local, s3_bucket, cfg):

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import stat
 import subprocess
 import sys
 
@@ -80,14 +79,17 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
     missing = _run_promote(["--candidate", "999", *common], env)
     assert missing.returncode == EXIT_ERROR and "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
-    # The tracking store turns read-only after scoring begins: the first write fails.
-    os.chmod(copy, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    os.chmod(tmp_path, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    # Another writer holds the store's write lock for the whole run: reads (versions,
+    # aliases, artifacts) work, the first write after scoring fails.
+    import sqlite3
+
+    holder = sqlite3.connect(str(copy), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
     try:
         failed = _run_promote(["--candidate", v["untrained"], "--min-improvement", "-1", *common], env)
     finally:
-        os.chmod(tmp_path, stat.S_IRWXU)
-        os.chmod(copy, stat.S_IRUSR | stat.S_IWUSR)
+        holder.execute("ROLLBACK")
+        holder.close()
     assert failed.returncode == EXIT_ERROR, failed.stdout + failed.stderr
     assert "error:" in failed.stderr and "Traceback" not in failed.stderr
     import mlflow

@@ -48,7 +48,8 @@ def test_registered_model_loads_without_training_globals(trained):
     cfg, r = trained["cfg"], trained["result"]
     loaded = load_model(f"models:/sscq/{r.version}", cfg.tracking)
     assert loaded.version == r.version and loaded.codebooks.shape == (8, 16, 16)
-    x = np.zeros((2, 1, 28, 28), np.float32)
+    size = cfg.data.image_size
+    x = np.zeros((2, 1, size, size), np.float32)
     import torch
 
     with torch.no_grad():
@@ -94,7 +95,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, digits_dir, ray
     from sscq_dist.train.driver import run_training
 
     cfg = make_cfg(tmp_path, digits_dir, "train.epochs=3", "train.run_name=kill-test", "bank.enabled=true",
-                   "bank.size=256", "bank.warmup_epochs=0", "train.max_failures=2")
+                   "bank.size=256", "bank.warmup_epochs=0", "train.max_failures=2",
+                   "train.checkpoint_every_epochs=1")
     killed = {}
 
     def killer():

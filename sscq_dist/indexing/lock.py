@@ -14,6 +14,10 @@ How creation is made exclusive:
   then read back and compare the token (two writers within one round trip can both
   believe they won; the TTL bounds the damage).
 Release deletes the object only when its token is still ours.
+
+A holder that dies leaves its lease behind: a heartbeat thread keeps live leases short
+(refresh every ttl/3), so a dead holder's lease lapses within ttl_s; and a holder on this
+same host whose process no longer exists is taken over at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import errno
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -48,6 +54,21 @@ class _Unsupported(Exception):
     """The store rejected a conditional request as not implemented."""
 
 
+def _holder_dead(current: dict) -> bool:
+    """True only when the holder ran on this host and its process is gone."""
+    if current.get("host") != socket.gethostname() or not isinstance(current.get("pid"), int):
+        return False
+    if current["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(current["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class IndexLock:
     """Context manager holding `<root>/LOCK` for `owner` during a reindex.
 
@@ -65,6 +86,11 @@ class IndexLock:
         self.token = uuid.uuid4().hex
         self.expires_at = 0.0
         self.held = False
+        self._stop = threading.Event()
+        self._beat: Optional[threading.Thread] = None
+        # The heartbeat and the writer's own refresh must not race: both would send
+        # If-Match with the same etag and the loser would think the lock was taken.
+        self._refreshing = threading.Lock()
 
     # ------------------------------------------------------------------ public
 
@@ -77,11 +103,12 @@ class IndexLock:
                 current = self._read()
                 if current is None:
                     continue  # released between our create and our read
-                if current["expires_at"] > time.time():
+                if current["expires_at"] > time.time() and not _holder_dead(current):
                     raise IndexError_(f"index root {self.root.uri} is locked by {current['owner']} "
                                       f"until {_fmt(current['expires_at'])}; another reindex is running")
-                log.warning("taking over expired lock of %s (expired %s) on %s",
-                            current["owner"], _fmt(current["expires_at"]), self.root.uri)
+                log.warning("taking over the lock of %s (expires %s, holder alive: %s) on %s",
+                            current["owner"], _fmt(current["expires_at"]), not _holder_dead(current),
+                            self.root.uri)
                 self._remove_if(current)
                 continue
             mine = self._read()
@@ -94,12 +121,13 @@ class IndexLock:
 
     def refresh(self) -> None:
         """Extend the lease by ttl_s from now; refuses if the lock is no longer ours."""
-        current = self._read()
-        if current is None or current["token"] != self.token:
-            holder = current["owner"] if current else "nobody"
-            raise IndexError_(f"index root {self.root.uri}: lock of {self.owner} was lost "
-                              f"(now held by {holder}); stop writing")
-        self._replace(self._payload(), current)
+        with self._refreshing:
+            current = self._read()
+            if current is None or current["token"] != self.token:
+                holder = current["owner"] if current else "nobody"
+                raise IndexError_(f"index root {self.root.uri}: lock of {self.owner} was lost "
+                                  f"(now held by {holder}); stop writing")
+            self._replace(self._payload(), current)
 
     def release(self) -> None:
         """Delete the lock if its token is ours; otherwise refuse (someone took it over)."""
@@ -112,32 +140,60 @@ class IndexLock:
                               f"not {self.owner}; not released")
         self._remove_if(current)
 
+    def start_heartbeat(self) -> None:
+        """Refresh the lease every ttl/3 in a daemon thread until release."""
+        def beat():
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.refresh()
+                except Exception as exc:  # the main loop's own refresh reports a lost lock
+                    log.warning("lock heartbeat failed: %s", exc)
+        self._beat = threading.Thread(target=beat, name="index-lock-heartbeat", daemon=True)
+        self._beat.start()
+
     def __enter__(self) -> "IndexLock":
-        return self.acquire()
+        self.acquire()
+        self.start_heartbeat()
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
         try:
             self.release()
-        except IndexError_:
+        except Exception as rel_exc:  # noqa: BLE001 - e.g. storage unreachable: the lease expires
             if exc_type is None:
                 raise
-            log.exception("lock release failed while handling another error")
+            log.warning("lock release failed while handling another error: %s", rel_exc)
 
     # ------------------------------------------------------------------ helpers
 
     def _payload(self) -> bytes:
         self.expires_at = time.time() + self.ttl_s
-        return json.dumps({"owner": self.owner, "token": self.token, "expires_at": self.expires_at}).encode()
+        return json.dumps({"owner": self.owner, "token": self.token, "expires_at": self.expires_at,
+                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
+
+    def _s3_call(self, op: str, **kwargs):
+        """One S3 call on the lock object, retried (bounded) only while the endpoint does not answer;
+        a refused precondition is an answer and comes back at once."""
+        s3, (bucket, k) = _s3(self.loc)
+        return storage.with_retries(lambda: s3.call_s3(op, Bucket=bucket, Key=k, **kwargs), f"{op} {self.loc.uri}",
+                                    self.loc.storage, storage.connection_errors())
 
     def _read(self) -> Optional[dict]:
         """The lock JSON plus its "_etag" (S3) or None when there is no lock."""
         if self.loc.is_s3:
             s3, (bucket, k) = _s3(self.loc)
-            try:
+
+            def get():
                 resp = s3.call_s3("get_object", Bucket=bucket, Key=k)
+                return resp, _read_body(s3, resp)
+            try:
+                resp, body = storage.with_retries(get, f"read {self.loc.uri}", self.loc.storage,
+                                                  storage.connection_errors())
             except FileNotFoundError:
                 return None
-            body = _read_body(s3, resp)
             data = _parse(body, self.loc.uri)
             data["_etag"] = resp.get("ETag")
             return data
@@ -149,9 +205,8 @@ class IndexLock:
 
     def _create(self, payload: bytes) -> None:
         if self.loc.is_s3:
-            s3, (bucket, k) = _s3(self.loc)
             try:
-                s3.call_s3("put_object", Bucket=bucket, Key=k, Body=payload, IfNoneMatch="*")
+                self._s3_call("put_object", Body=payload, IfNoneMatch="*")
                 return
             except Exception as exc:  # noqa: BLE001 - classified below
                 kind = _classify(exc)
@@ -177,9 +232,8 @@ class IndexLock:
     def _replace(self, payload: bytes, current: dict) -> None:
         """Overwrite our own lock (refresh)."""
         if self.loc.is_s3:
-            s3, (bucket, k) = _s3(self.loc)
             try:
-                s3.call_s3("put_object", Bucket=bucket, Key=k, Body=payload, IfMatch=current["_etag"])
+                self._s3_call("put_object", Body=payload, IfMatch=current["_etag"])
                 return
             except Exception as exc:  # noqa: BLE001
                 kind = _classify(exc)
@@ -194,9 +248,8 @@ class IndexLock:
     def _remove_if(self, current: dict) -> None:
         """Delete the lock object only if it is still the one described by `current`."""
         if self.loc.is_s3:
-            s3, (bucket, k) = _s3(self.loc)
             try:
-                s3.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=current["_etag"])
+                self._s3_call("delete_object", IfMatch=current["_etag"])
                 return
             except FileNotFoundError:
                 return
@@ -232,7 +285,10 @@ class IndexLock:
 def _parse(body: bytes, uri: str) -> dict:
     try:
         data = json.loads(body)
-        return {"owner": str(data["owner"]), "token": str(data["token"]), "expires_at": float(data["expires_at"])}
+        out = {"owner": str(data["owner"]), "token": str(data["token"]), "expires_at": float(data["expires_at"])}
+        if isinstance(data.get("host"), str) and isinstance(data.get("pid"), int):
+            out["host"], out["pid"] = data["host"], data["pid"]
+        return out
     except (ValueError, KeyError, TypeError):
         # An unreadable lock blocks nobody forever: treat it as expired.
         log.warning("lock object %s is not valid lock JSON; treating it as expired", uri)

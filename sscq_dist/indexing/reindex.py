@@ -35,7 +35,8 @@ from sscq_dist.indexing.manifest import (IndexManifest, IndexShard, SourceShard,
                                          read_manifest, version_loc, write_current, write_manifest)
 from sscq_dist.registry import LoadedModel, load_model
 from sscq_dist.search import idmap_name, index_shard_name, read_idmap, write_idmap
-from sscq_dist.storage import Location, atomic_write_bytes, delete, exists, read_bytes, resolve, with_retries
+from sscq_dist.storage import (Location, atomic_write_bytes, delete, exists, read_bytes, redact_uri, resolve,
+                               with_retries)
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,8 @@ def reindex(images_uri: str, index_root_uri: str, model_uri: str, cfg: Config,
             raise IndexError_(f"index {vloc.uri}: manifest codebook checksum {manifest.codebook_checksum} does not "
                               f"match model {loaded.uri} ({checksum}); refusing to mix codes of two models")
         sources = source_infos(images_uri, cfg)
+        if not any(s.rows for s in sources):
+            raise IndexError_(f"{redact_uri(images_uri)}: no rows to index ({len(sources)} shard(s), all empty)")
         params = {"nlist": cfg.index.nlist, "nprobe": cfg.index.nprobe} if cfg.index.index_type == "ivf_pq_fastscan" else {}
         if manifest is None:
             manifest = _new_manifest(loaded, version, cfg, params)
@@ -244,11 +247,17 @@ def reindex(images_uri: str, index_root_uri: str, model_uri: str, cfg: Config,
         if todo:
             total_rows = sum(s.rows for s in todo)
             log.info("reindex %s: encoding %d source shards (%d rows) with %s", root.uri, len(todo), total_rows, loaded.uri)
-            by_path = {s.loc.path: s for s in todo}
+            # A 0-row source has nothing to encode: commit it (empty index shard) so reruns skip it.
+            for src in (s for s in todo if s.rows == 0):
+                empty = _OpenShard(src, _empty_index(cfg, loaded.codebooks, trained_ivf))
+                manifest = _commit_shard(empty, next_no, manifest, root, vloc, cfg)
+                next_no += 1
+            by_path = {s.loc.path: s for s in todo if s.rows}
             open_shards: dict[str, _OpenShard] = {}
             # Shards finish in arrival order; numbering follows the order they finish.
             last_log = time.perf_counter()
-            for batch in encode_stream(list(by_path), todo[0].loc.fs, state, loaded.cfg):
+            stream = encode_stream(list(by_path), todo[0].loc.fs, state, loaded.cfg) if by_path else ()
+            for batch in stream:
                 paths = batch[PATH_COLUMN]
                 ids, f, ok = batch["id"], batch["f"], batch["ok"].astype(bool)
                 for p in np.unique(paths):

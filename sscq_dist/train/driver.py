@@ -177,7 +177,7 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, rows: int):
             storage_path=root.path if not root.is_s3 else root.path,
             storage_filesystem=root.fs if root.is_s3 else None,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
         ),
         datasets={TRAIN_DATASET: dataset},
     )

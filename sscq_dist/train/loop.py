@@ -132,7 +132,8 @@ def train_func(loop_config: dict) -> None:
 
     logger = None
     if rank == 0 and loop_config.get("run_id"):
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.max_attempts)
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.max_attempts,
+                           request_timeout_s=cfg.tracking.request_timeout_s)
 
     shard = ray.train.get_dataset_shard(TRAIN_DATASET)
     in_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -207,14 +208,18 @@ def train_func(loop_config: dict) -> None:
             logger.log_metrics({f"epoch/{k_}": v for k_, v in metrics.items() if k_ not in ("epoch", "fatal")},
                                step=global_step)
             logger.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="sscq", client_state={
-                "epoch": epoch, "global_step": global_step, "images_seen": images_seen})
-            if bank is not None:
-                torch.save(bank.state_dict(), os.path.join(tmp, BANK_FILE.format(rank=rank)))
-            if world > 1:
-                dist.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        last = epoch + 1 == cfg.train.epochs
+        if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="sscq", client_state={
+                    "epoch": epoch, "global_step": global_step, "images_seen": images_seen})
+                if bank is not None:
+                    torch.save(bank.state_dict(), os.path.join(tmp, BANK_FILE.format(rank=rank)))
+                if world > 1:
+                    dist.barrier()  # every rank's part is on disk before the report
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
         if rank == 0:
             print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} done: loss {metrics['loss/total']:.4f}, "
                   f"{metrics['images_per_s']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "

@@ -1,0 +1,240 @@
+"""Training step overhead and data plane rate (SPEC section 7), measured in one run.
+
+Three measurements on the same machine, same model, losses and global batch:
+1. the real training path (`run_training`, what `jobs/train.py` calls: Ray Train +
+   DeepSpeed, W workers, Ray Data input): steady images/s and data-wait fraction, read
+   from the per-epoch MLflow metrics `epoch/images_per_s` and `epoch/data_wait_fraction`
+   (epochs after the first, which carries the input pipeline's start-up), for each --workers;
+2. one plain PyTorch process over pre-augmented batches (torch threads = all cores, same
+   global batch, same Adam + warm-up/cosine schedule + clipping): the reference rate;
+3. the data plane alone: one `pipeline_pass` (Ray Data decode + two augmented views) over
+   the training shards, against the rate training consumes.
+
+    python benchmarks/train_throughput.py                       # Fashion-MNIST 28 px, 1 and 2 workers
+    python benchmarks/train_throughput.py --source digits --workers 1 2
+    python benchmarks/train_throughput.py --smoke               # seconds: digits, 2 workers, few steps
+    python benchmarks/train_throughput.py train.use_gpu=true --workers 1   # on a GPU machine
+
+Prints markdown tables and writes <out>/train_throughput.json (--json to choose the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_setup as bs  # noqa: E402  (puts the repository on sys.path)
+
+from sscq_dist.config import Config, load_config  # noqa: E402
+
+EXPERIMENT = "sscq-bench-throughput"
+# Distinct pre-augmented global batches the plain loop cycles through.
+PLAIN_BATCHES = 4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=bs.SOURCES, default="fashion_mnist")
+    p.add_argument("--images", default=None, help="existing training shards (default: the --source train split)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to run")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per Ray run (the first is not counted)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="steps per epoch (train.max_steps_per_epoch; 0 = a full pass)")
+    p.add_argument("--plain-steps", type=int, default=40, help="timed steps of the plain PyTorch loop")
+    p.add_argument("--plain-warmup", type=int, default=3, help="untimed first steps of the plain loop")
+    p.add_argument("--pipeline-passes", type=int, default=2,
+                   help="data plane passes; the best counts (the first pays Ray Data's start-up); 0 = skip")
+    p.add_argument("--data-dir", default=None, help="shards (default data/<source>)")
+    p.add_argument("--out", default=None, help="output dir (default outputs/bench-train-throughput)")
+    p.add_argument("--json", default=None, help="results JSON path (default <out>/train_throughput.json)")
+    p.add_argument("--config", default=None, help="default: configs/<source>.yaml")
+    p.add_argument("--quiet", action="store_true", help="keep Ray worker logs off stdout")
+    p.add_argument("--smoke", action="store_true", help="digits, 2 workers, 2 epochs of 3 steps, 3 plain steps")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.source, a.workers, a.epochs, a.steps, a.plain_steps, a.plain_warmup, a.pipeline_passes, a.quiet = \
+            "digits", [2], 2, 3, 3, 1, 1, True
+    a.data_dir = a.data_dir or os.path.join(bs.REPO, "data", a.source)
+    a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-train-throughput" + ("-smoke" if a.smoke else "")))
+    a.json = a.json or os.path.join(a.out, "train_throughput.json")
+    a.config = a.config or bs.default_config(a.source)
+    return a
+
+
+def run_config(a: argparse.Namespace, train_uri: str, workers: int, tracking_uri: str) -> Config:
+    """One Ray run: W workers sharing all cores, capped epochs, storage and tracking under --out."""
+    cores = bs.cpu_cores()
+    return load_config(a.config, [
+        f"data.train_uri={train_uri}", f"train.num_workers={workers}",
+        f"train.cpus_per_worker={max(1.0, cores / workers)}", f"train.epochs={a.epochs}",
+        f"train.max_steps_per_epoch={a.steps}", f"train.checkpoint_every_epochs={a.epochs}",
+        f"train.storage_path={os.path.join(a.out, 'runs')}", f"train.run_name=throughput-w{workers}",
+        f"tracking.tracking_uri={tracking_uri}", f"tracking.experiment={EXPERIMENT}",
+        "tracking.registered_model=bench-throughput", f"tracking.output_dir={os.path.join(a.out, 'outputs')}",
+        *a.overrides])
+
+
+def ray_rate(cfg: Config) -> dict:
+    """Train with the real driver; steady images/s and data-wait fraction from the epoch metrics."""
+    from sscq_dist.train.driver import run_training
+
+    r = run_training(cfg)
+    ips = bs.metric_history(r.run_id, "epoch/images_per_s")
+    wait = bs.metric_history(r.run_id, "epoch/data_wait_fraction")
+    steady = slice(1, None) if len(ips) > 1 else slice(None)
+    return {"workers": cfg.train.num_workers, "threads_per_worker": max(1, int(cfg.train.cpus_per_worker)),
+            "images_per_s": float(np.mean(ips[steady])), "data_wait_fraction": float(np.mean(wait[steady])),
+            "epoch_images_per_s": ips, "epoch_data_wait_fraction": wait, "run_wall_s": r.seconds,
+            "run_id": r.run_id}
+
+
+def _views(out, n: int):
+    """Split a forward pass over cat(view_a, view_b) into the two views' SSCQOutputs (float32)."""
+    from sscq_dist.model import SSCQOutput
+
+    def part(sl):
+        return SSCQOutput(f=out.f[sl].float(), z=out.z[sl].float(), soft=out.soft[sl].float(), codes=out.codes[sl])
+    return part(slice(0, n)), part(slice(n, 2 * n))
+
+
+def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, threads: int) -> dict:
+    """images/s of the same model, objective and global batch in one PyTorch process.
+
+    images_u8: (N, C, H, W) decoded training images; PLAIN_BATCHES global batches of two
+    augmented views are made before timing and cycled, so only the step is measured.
+    """
+    import torch
+
+    from sscq_dist.data.augment import augment
+    from sscq_dist.losses.objective import SSCQObjective
+    from sscq_dist.model import build_model
+    from sscq_dist.neighbor_bank import NeighborBank
+    from sscq_dist.train.loop import lr_lambda
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda") if cfg.train.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.channels).to(device)
+    objective = SSCQObjective(cfg.loss, cfg.model)
+    m, d = cfg.model.num_codebooks, cfg.model.codeword_dim
+    bank = NeighborBank(m, d, cfg.bank.size, 1, 0).to(device) if cfg.bank.enabled else None
+    total = warmup + steps
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, total // 10), total))
+    b = cfg.train.global_batch_size
+    rng = np.random.default_rng(cfg.train.seed)
+    batches = []
+    for _ in range(PLAIN_BATCHES):
+        u8 = torch.from_numpy(images_u8[rng.choice(len(images_u8), b, replace=len(images_u8) < b)])
+        batches.append(torch.cat([augment(u8, cfg.data.augment), augment(u8, cfg.data.augment)]).to(device))
+
+    def step(views):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(views)
+        out_a, out_b = _views(out, b)
+        losses = objective(out_a, out_b, model.quantizer.codebooks.float(), bank=bank, use_bank=bank is not None)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        if bank is not None:
+            bank.enqueue(out_b.z.detach().float().view(b, m, d))
+        return float(losses["total"].detach())  # the Ray loop reads every loss term back too
+
+    model.train()
+    for i in range(warmup):
+        step(batches[i % PLAIN_BATCHES])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % PLAIN_BATCHES])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"workers": 1, "threads_per_worker": threads, "images_per_s": steps * b / seconds,
+            "steps": steps, "seconds": seconds, "device": device.type}
+
+
+def pipeline_rate(uri: str, cfg: Config, passes: int) -> dict:
+    """Best of `passes` passes of Ray Data decode + two augmented views over the training shards."""
+    from sscq_dist.data.pipeline import pipeline_pass
+
+    runs = [pipeline_pass(uri, cfg, batch_size=cfg.data.decode_batch_size, two_views=True, progress=False)
+            for _ in range(passes)]
+    best = max(runs, key=lambda s: s.images_per_s)
+    return {"images_per_s": best.images_per_s, "rows": best.rows, "dropped": best.dropped, "seconds": best.seconds,
+            "pass_images_per_s": [s.images_per_s for s in runs]}
+
+
+def markdown(res: dict) -> str:
+    plain = res["plain"]["images_per_s"]
+    zero = res["zero_stage"]
+    lines = [f"Training throughput ({res['source']}, {res['image_size']} px, global batch {res['global_batch']}, "
+             f"{res['bits']} bits, {res['cores']} CPU cores, device {res['device']}):", "",
+             "| setup | workers | torch threads / worker | images/s | vs plain PyTorch | scaling vs 1 worker | "
+             "data wait |", "|---|---:|---:|---:|---:|---:|---:|",
+             f"| plain PyTorch, 1 process, pre-augmented batches | 1 | {res['plain']['threads_per_worker']} | "
+             f"{plain:.0f} | 1.00 | - | - |"]
+    one = next((r["images_per_s"] for r in res["ray"] if r["workers"] == 1), None)
+    for r in res["ray"]:
+        scale = f"{r['images_per_s'] / one:.2f}" if one else "-"
+        lines.append(f"| Ray Train + DeepSpeed ZeRO-{zero} (jobs/train.py path) | {r['workers']} | "
+                     f"{r['threads_per_worker']} | {r['images_per_s']:.0f} | {r['images_per_s'] / plain:.2f} | "
+                     f"{scale} | {100 * r['data_wait_fraction']:.1f}% |")
+    if res.get("pipeline"):
+        p = res["pipeline"]
+        consume = max(r["images_per_s"] for r in res["ray"])
+        lines += ["", "| data plane | images/s | vs fastest training consumption |", "|---|---:|---:|",
+                  f"| Ray Data decode + two augmented views (pipeline_pass, {p['rows']} rows) | "
+                  f"{p['images_per_s']:.0f} | {p['images_per_s'] / consume:.2f}x |"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    train_uri = a.images or bs.ensure_source(a.source, a.data_dir)[0]
+    tracking_uri = bs.tracking_store(a.out, EXPERIMENT)
+    cores = bs.cpu_cores()
+    base = run_config(a, train_uri, max(a.workers), tracking_uri)
+    bs.start_ray(max(cores, max(int(w * base.train.cpus_per_worker) for w in a.workers) + 2), a.quiet)
+    ray_runs = []
+    for w in a.workers:
+        print(f"=== Ray Train + DeepSpeed, {w} worker(s)", flush=True)
+        ray_runs.append(ray_rate(run_config(a, train_uri, w, tracking_uri)))
+        print(f"{w} worker(s): {ray_runs[-1]['images_per_s']:.0f} images/s, "
+              f"data wait {100 * ray_runs[-1]['data_wait_fraction']:.1f}%", flush=True)
+    print("=== plain PyTorch", flush=True)
+    from sscq_dist.encoding import load_images
+
+    images = load_images(train_uri, base, limit=PLAIN_BATCHES * base.train.global_batch_size).images
+    plain = plain_rate(base, images, a.plain_steps, a.plain_warmup, cores)
+    pipe = None
+    if a.pipeline_passes > 0:
+        print("=== data plane (pipeline_pass)", flush=True)
+        pipe = pipeline_rate(train_uri, base, a.pipeline_passes)
+    res = {"source": a.images or a.source, "image_size": base.data.image_size,
+           "global_batch": base.train.global_batch_size, "bits": base.model.bits, "cores": cores,
+           "zero_stage": base.train.zero_stage, "device": plain["device"], "epochs": a.epochs, "steps": a.steps,
+           "plain": plain, "ray": ray_runs, "pipeline": pipe,
+           "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    res["overhead_ratio"] = {str(r["workers"]): r["images_per_s"] / plain["images_per_s"] for r in ray_runs}
+    bs.write_json(a.json, res)
+    print(markdown(res))
+    print(f"train throughput: results {a.json}; {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    from sscq_dist.cli import run_main
+
+    run_main(lambda: main())

@@ -1,0 +1,157 @@
+"""Helpers shared by the fault-injection tests (reliability, bad inputs, security).
+
+Real parts only: models are written as the plain-file model directory the registry reads,
+jobs run as real subprocesses, and services are real processes or real servers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from conftest import REPO
+
+DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
+# Subprocess jobs get this long before a test gives up on them.
+JOB_TIMEOUT_S = 300
+
+
+def random_model_dir(path: str, seed: int = 0, *overrides: str) -> str:
+    """An untrained SSCQ model (digits config) as a model directory usable as --model.
+
+    Indexing does not care how good the codes are, only that they come from one model, so
+    the reindex fault tests skip training entirely.
+    """
+    import torch
+
+    from sscq_dist.config import load_config
+    from sscq_dist.model import build_model
+    from sscq_dist.registry import write_model_dir
+
+    cfg = load_config(DIGITS_YAML, list(overrides))
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, cfg.data.channels)
+    write_model_dir(path, model.state_dict(), cfg)
+    return path
+
+
+def job_cmd(script: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "jobs", script), *args]
+
+
+def job_env(ray=None, **extra: str) -> dict:
+    """Environment for a job subprocess; joins the session Ray when given (no second Ray start)."""
+    env = dict(os.environ, PYTHONPATH=REPO, SSCQ_LOG_LEVEL="INFO")
+    if ray is not None:
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    env.update(extra)
+    return env
+
+
+def run_job(script: str, *args: str, env: Optional[dict] = None, cwd: Optional[str] = None,
+            timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(job_cmd(script, *args), env=env or job_env(), cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_job(script: str, *args: str, env: Optional[dict] = None, cwd: Optional[str] = None,
+              log_path: Optional[str] = None) -> subprocess.Popen:
+    """A job in its own process group (so a kill takes every child with it), output to a file."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(job_cmd(script, *args), env=env or job_env(), cwd=cwd or REPO, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and everything it started (its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, exactly one `error:` line on stderr naming every needle, no traceback."""
+    err = proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{err[-3000:]}"
+    assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
+    """Poll cond() until it returns a truthy value; fail naming `what` after timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def image_bytes(im, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@dataclass
+class MlflowServer:
+    """A real `mlflow server` process with a SQLite backend and local artifact store."""
+
+    workdir: str
+    port: int
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def backend(self) -> str:
+        return f"sqlite:///{self.workdir}/mlflow-server.db"
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import urllib.request
+
+        os.makedirs(self.workdir, exist_ok=True)
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(self.port), "--backend-store-uri", self.backend,
+               "--artifacts-destination", os.path.join(self.workdir, "server-artifacts"), "--workers", "1"]
+        log = open(os.path.join(self.workdir, f"mlflow-server-{time.time():.0f}.log"), "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+        def up():
+            assert self.proc.poll() is None, f"mlflow server exited {self.proc.returncode}; see {log.name}"
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(up, timeout, f"mlflow server on {self.uri}", interval=0.3)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers: the endpoint refuses connections at once."""
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc = None

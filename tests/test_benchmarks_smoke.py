@@ -1,0 +1,95 @@
+"""The benchmark scripts' smoke modes, end to end, as a user runs them (subprocess, real Ray,
+DeepSpeed, MLflow SQLite and FAISS; the digits, so nothing needs downloading)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+# Generous: each smoke takes well under a minute on an idle 2-core machine.
+SMOKE_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One digits folder for every script (the first one ingests, the others reuse)."""
+    return str(tmp_path_factory.mktemp("bench-data") / "digits")
+
+
+def run_script(name: str, args: list, cwd) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_quality_smoke_trains_evaluates_and_reports(tmp_path, data_dir):
+    out = tmp_path / "quality"
+    stdout = run_script("quality_fashion_mnist.py", ["--smoke", "--source", "digits", "--data-dir", data_dir,
+                                                     "--out", out], tmp_path)
+    assert "| method | bits | mAP@100 sqL2 ADC | mAP@100 l2sum |" in stdout
+    assert "| sscq | 32 |" in stdout and "| pixel_pq | 32 |" in stdout
+    report = json.loads((out / "results.json").read_text())
+    res = report["results"]
+    sscq, pq = res["sscq/32"], res["pixel_pq/32"]
+    assert sscq["epochs"] == 1 and sscq["workers"] == 2 and sscq["zero_stage"] == 1
+    for key in ("map_sql2", "map_l2sum", "map_float"):
+        assert 0.0 <= sscq[key] <= 1.0, key
+    assert 0.5 < pq["map_sql2"] <= 1.0  # raw-pixel PQ on the digits is a strong baseline
+    # One epoch of training must move the codes off the collapsed initialisation.
+    assert sscq["map_sql2"] > report["untrained"]["32"]["map_sql2"]
+    assert sscq["curve"][-1]["epoch"] == 1 and sscq["curve"][-1]["wall_s"] > 0
+    assert "| sscq |" in (out / "results.md").read_text()
+    assert (out / "map_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_smoke_reuses_stored_results(tmp_path, data_dir):
+    """A rerun with the same settings trains nothing: it reports the stored numbers."""
+    out = tmp_path / "quality"
+    args = ["--smoke", "--source", "digits", "--methods", "pixel_pq", "--data-dir", data_dir, "--out", out]
+    run_script("quality_fashion_mnist.py", args, tmp_path)
+    first = json.loads((out / "results.json").read_text())["results"]["pixel_pq/32"]
+    stdout = run_script("quality_fashion_mnist.py", args, tmp_path)
+    assert "pixel_pq/32: reusing the stored result" in stdout
+    assert json.loads((out / "results.json").read_text())["results"]["pixel_pq/32"] == first
+
+
+def test_train_throughput_smoke(tmp_path, data_dir):
+    out = tmp_path / "train"
+    stdout = run_script("train_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path)
+    assert "| setup | workers | torch threads / worker | images/s | vs plain PyTorch |" in stdout
+    assert "| plain PyTorch, 1 process" in stdout and "| Ray Train + DeepSpeed ZeRO-1" in stdout
+    res = json.loads((out / "train_throughput.json").read_text())
+    assert res["plain"]["images_per_s"] > 0
+    (ray_run,) = res["ray"]
+    assert ray_run["workers"] == 2 and ray_run["images_per_s"] > 0
+    assert len(ray_run["epoch_images_per_s"]) == 2  # one MLflow value per epoch
+    assert 0.0 <= ray_run["data_wait_fraction"] <= 1.0
+    assert res["overhead_ratio"]["2"] == pytest.approx(ray_run["images_per_s"] / res["plain"]["images_per_s"])
+    assert res["pipeline"]["rows"] == 1500 and res["pipeline"]["dropped"] == 0  # the digits train split
+
+
+def test_encode_throughput_smoke(tmp_path, data_dir):
+    out = tmp_path / "encode"
+    stdout = run_script("encode_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path)
+    assert "| path | images/s | vs bare forward |" in stdout and "| reindex job end to end" in stdout
+    res = json.loads((out / "encode_throughput.json").read_text())
+    assert res["reindex"]["rows"] == 2000 and res["stream"]["rows"] == 2000 and res["bare"]["rows"] == 2000
+    assert res["ratio_reindex_vs_bare"] > 0
+    # 32-bit fast-scan codes: 4 bytes of code per image plus the index's per-vector overhead.
+    assert 4.0 <= res["reindex"]["bytes_per_image"] < 64.0
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = os.path.join(BENCH, "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
