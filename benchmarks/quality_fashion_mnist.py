@@ -378,12 +378,15 @@ def main(argv=None) -> int:
             stored = json.load(f)
     results: dict = stored.get("results", {})
     trained = [m for m in a.methods if METHODS[m] is not None]
-    if trained:
+
+    def ensure_ray() -> None:  # started only when something trains (a rerun may reuse every result)
         bs.start_ray(max(bs.cpu_cores(), int(a.workers * base.train.cpus_per_worker) + 2), a.quiet)
+
     epochs = a.epochs or base.train.epochs
     calibration = stored.get("calibration")
     if a.minutes is not None and trained:
         if not (calibration and calibration.get("minutes") == a.minutes and calibration.get("bits") == max(a.bits)):
+            ensure_ray()
             calibration = calibrate_epochs(a, db_uri, q_uri, tracking_uri)
         epochs = calibration["epochs"]
     untrained = stored.get("untrained", {})
@@ -407,6 +410,7 @@ def main(argv=None) -> int:
                 if curve and str(bits) not in untrained:
                     cfg_b = run_config(a, db_uri, q_uri, method, bits, epochs, tracking_uri)
                     untrained[str(bits)] = untrained_scores(cfg_b, sets, topk)
+                ensure_ray()
                 row = train_and_evaluate(a, method, bits, epochs, db_uri, q_uri, tracking_uri, sets, topk, curve)
             row.update(method=method, bits=key_bits, wall_s=time.perf_counter() - t0, signature=sig)
             results[key] = row

@@ -55,7 +55,8 @@ sscq_settings() {
   # so a deep state dir gets a short, stable stand-in under /tmp.
   if [[ -z ${SSCQ_RAY_TMP:-} ]]; then
     SSCQ_RAY_TMP=$SSCQ_STACK_DIR/ray
-    if (( ${#SSCQ_RAY_TMP} > 48 )); then
+    # session_<date>_<pid> (~48) + /sockets/dash_MetricsHead (25) leave ~30 bytes for the root.
+    if (( ${#SSCQ_RAY_TMP} > 30 )); then
       SSCQ_RAY_TMP=/tmp/sscq-ray-$(printf '%s' "$SSCQ_STACK_DIR" | cksum | cut -d' ' -f1)
     fi
   fi

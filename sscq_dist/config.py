@@ -152,6 +152,8 @@ class TrackingConfig:
     max_attempts: int = 3
     # Per-request timeout of the training metrics logger (one HTTP try per attempt).
     request_timeout_s: int = 10
+    # After the last step, how long the logger keeps trying to deliver metrics it buffered.
+    final_flush_s: float = 120.0
     # Local folder for the PNG plots and JSON reports also logged as MLflow artifacts.
     output_dir: str = "outputs"
 
@@ -338,6 +340,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.tracking.max_attempts >= 1, "tracking.max_attempts", f"must be >= 1, got {cfg.tracking.max_attempts}")
     _check(cfg.tracking.request_timeout_s >= 1, "tracking.request_timeout_s",
            f"must be >= 1, got {cfg.tracking.request_timeout_s}")
+    _check(cfg.tracking.final_flush_s >= 0, "tracking.final_flush_s", f"must be >= 0, got {cfg.tracking.final_flush_s}")
     _check(cfg.eval.topk >= 1, "eval.topk", f"must be >= 1, got {cfg.eval.topk}")
     _check(cfg.eval.gate_topk >= 1, "eval.gate_topk", f"must be >= 1, got {cfg.eval.gate_topk}")
     ix = cfg.index

@@ -162,3 +162,16 @@ class RunLogger:
             return True
         self.buffer = pending + self.buffer
         return False
+
+    def close(self, wait_s: float) -> bool:
+        """End of training: keep trying to deliver buffered metrics for up to wait_s seconds,
+        so an outage that ends shortly after the last step loses nothing."""
+        deadline = time.time() + wait_s
+        while not self.flush():
+            left = deadline - time.time()
+            if left <= 0:
+                log.warning("MLflow tracking still unreachable; %d buffered metric values were not logged",
+                            len(self.buffer))
+                return False
+            time.sleep(min(4 * self.backoff_s, left))
+        return True

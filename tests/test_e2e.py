@@ -54,7 +54,7 @@ def test_end_to_end_through_real_servers(stack, tmp_path, monkeypatch):
              f"train.storage_path={tmp_path}/runs", f"tracking.output_dir={tmp_path}/out"]
     r, out = _run(train, env)
     logs.append(out)
-    assert r.returncode == 0 and "SUCCEEDED" in out, out[-3000:]
+    assert r.returncode == 0 and "succeeded" in out, out[-3000:]
     version = out.split("registered sscq version ")[1].split()[0]
 
     r, out = _run([py, "jobs/promote.py", "--name", "sscq", "--candidate", version, "--config",
@@ -68,7 +68,7 @@ def test_end_to_end_through_real_servers(stack, tmp_path, monkeypatch):
              f"tracking.output_dir={tmp_path}/out"]
     r, out = _run(reidx, env)
     logs.append(out)
-    assert r.returncode == 0 and "SUCCEEDED" in out and "CURRENT -> " + version in out, out[-3000:]
+    assert r.returncode == 0 and "succeeded" in out and "CURRENT -> " + version in out, out[-3000:]
     # A second scheduled run finds nothing to do.
     r, out = _run(reidx, env)
     logs.append(out)

@@ -421,27 +421,27 @@ def test_mlflow_server_down_during_training_and_promotion(tmp_path, digits_dir, 
             t_down = time.time()
             # Training goes on: the rank-0 logger warns once and buffers.
             wait_for(lambda: "MLflow tracking unreachable" in log_path.read_text() or proc.poll() is not None,
-                     120, "the buffering warning")
-            assert proc.poll() is None, "training ended before the server came back: " + log_path.read_text()[-2000:]
-            text = log_path.read_text()
-            assert "MLflow tracking unreachable" in text and "[train] epoch" in text.split("MLflow tracking unreachable")[1]
-            assert time.time() - t_down < 60, "a log call blocked training for the whole outage"
+                     60, "the buffering warning")
             server.start()
+            t_up = time.time()
             rc = proc.wait(timeout=300)
         finally:
             kill_group(proc)
         text = log_path.read_text()
         assert rc == 0, text[-4000:]
-        assert "reachable again" in text and text.count("MLflow tracking unreachable") == 1
+        assert text.count("MLflow tracking unreachable") == 1 and "reachable again" in text, text[-4000:]
         client = MlflowClient(server.uri)
         steps = sorted(int(m.value) for m in client.get_metric_history(run_id, "epoch/global_step"))
         assert len(steps) == 4 and steps == [steps[0] * k for k in (1, 2, 3, 4)], steps  # nothing lost
+        # Steps were taken while the server was down: their metrics, stamped then, arrived later.
+        during = [m for m in client.get_metric_history(run_id, "loss/total") if t_down < m.timestamp / 1000 < t_up]
+        assert during, "no training step was logged during the outage"
         (mv,) = client.search_model_versions("name='sscq'")
         assert mv.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
 
         # Promotion while the server is down: v1 is champion, v2 the candidate.
         client.set_registered_model_alias("sscq", "champion", mv.version)
-        v2 = client.create_model_version("sscq", mv.source, run_id).version
+        v2 = client.create_model_version("sscq", mv.source, run_id, model_id=mv.model_id).version
         server.kill()
         # MLflow's own client retries a refused connection for minutes by default; the
         # documented knob keeps this test short.

@@ -105,6 +105,14 @@ def _etag(loc: Location) -> Optional[str]:
         return None
 
 
+def encode_config(cfg: Config, loaded: LoadedModel) -> Config:
+    """The job's settings (index, storage) with the model's own architecture and input size."""
+    import dataclasses
+
+    data = dataclasses.replace(cfg.data, image_size=loaded.cfg.data.image_size, channels=loaded.cfg.data.channels)
+    return dataclasses.replace(cfg, data=data, model=loaded.cfg.model)
+
+
 def _model_version(loaded: LoadedModel) -> str:
     if loaded.version:
         return loaded.version
@@ -136,7 +144,7 @@ def _train_ivf(vloc: Location, sources: list[SourceInfo], loaded: LoadedModel, s
     fraction = min(1.0, 1.2 * want / max(1, total))
     sampler = fi.ReservoirSampler(want, seed=cfg.train.seed)
     by_path = {s.loc.path: s for s in sources}
-    for batch in encode_stream(list(by_path), sources[0].loc.fs, state, loaded.cfg, sample_fraction=fraction,
+    for batch in encode_stream(list(by_path), sources[0].loc.fs, state, encode_config(cfg, loaded), sample_fraction=fraction,
                                seed=cfg.train.seed):
         sampler.add(batch["f"][batch["ok"].astype(bool)])
     sample = sampler.sample()
@@ -256,7 +264,7 @@ def reindex(images_uri: str, index_root_uri: str, model_uri: str, cfg: Config,
             open_shards: dict[str, _OpenShard] = {}
             # Shards finish in arrival order; numbering follows the order they finish.
             last_log = time.perf_counter()
-            stream = encode_stream(list(by_path), todo[0].loc.fs, state, loaded.cfg) if by_path else ()
+            stream = encode_stream(list(by_path), todo[0].loc.fs, state, encode_config(cfg, loaded)) if by_path else ()
             for batch in stream:
                 paths = batch[PATH_COLUMN]
                 ids, f, ok = batch["id"], batch["f"], batch["ok"].astype(bool)

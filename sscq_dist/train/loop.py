@@ -225,6 +225,8 @@ def train_func(loop_config: dict) -> None:
                   f"{metrics['images_per_s']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
                   f"dropped {metrics['dropped_images']}, codeword entropy {metrics['codeword_entropy']:.2f}",
                   flush=True)
+    if logger:
+        logger.close(cfg.tracking.final_flush_s)
 
 
 def _take(stream, n: int):
