@@ -16,6 +16,7 @@ from typing import Optional
 from sscq_dist.config import Config, DataConfig
 from sscq_dist.errors import RegistryError, SSCQError
 from sscq_dist.registry import CHAMPION, alias_version, load_model
+from sscq_dist.storage import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,11 @@ def promote(name: str, candidate: str, cfg: Config, min_improvement: float = 0.0
     try:
         client.get_model_version(name, candidate)
     except Exception as exc:
-        raise RegistryError(f"candidate models:/{name}/{candidate} not found ({str(exc).splitlines()[0][:160]})") from None
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise RegistryError(f"candidate models:/{name}/{candidate} not found ({first})") from None
+        raise RegistryError(f"cannot read candidate models:/{name}/{candidate} from the tracking store "
+                            f"{redact_uri(uri)} ({first}); alias '{CHAMPION}' unchanged") from None
     champion = alias_version(name, CHAMPION)
     if champion == str(candidate):
         raise SSCQError(f"version {candidate} of {name} is already the champion")

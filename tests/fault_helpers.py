@@ -19,8 +19,8 @@ from typing import Optional
 from conftest import REPO
 
 DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
-# Subprocess jobs get this long before a test gives up on them.
-JOB_TIMEOUT_S = 300
+# Subprocess jobs get this long before a test gives up on them (generous: CI machines are slow).
+JOB_TIMEOUT_S = 600
 
 
 def random_model_dir(path: str, seed: int = 0, *overrides: str) -> str:

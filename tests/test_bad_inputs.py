@@ -7,6 +7,7 @@ models stop the jobs with exit code 2 and a single `error:` line, never a traceb
 The manifest-from-another-model case is tests/test_reindex.py::test_checksum_mismatch_and_lock_refusal.
 """
 
+import io
 import os
 import struct
 import zlib
@@ -113,7 +114,7 @@ def test_decoder_skips_bad_bytes_and_converts_every_mode(mixed_shard):
 
     cfg = load_config(DIGITS_YAML)
     # The bomb really is one: a valid header Pillow accepts, beyond the pixel budget.
-    assert Image.open(__import__("io").BytesIO(mixed_shard["bad"]["bomb"])).size == (BOMB_SIDE, BOMB_SIDE)
+    assert Image.open(io.BytesIO(mixed_shard["bad"]["bomb"])).size == (BOMB_SIDE, BOMB_SIDE)
     assert BOMB_SIDE ** 2 > cfg.data.max_image_pixels
     for channels in (1, 3):
         for name, data in mixed_shard["good"].items():

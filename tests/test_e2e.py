@@ -50,7 +50,7 @@ def test_end_to_end_through_real_servers(stack, tmp_path, monkeypatch):
     logs.append(out)
 
     train = [ray_bin, "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py",
-             "--config", "configs/digits.yaml", *common, "train.epochs=4", "train.run_name=e2e",
+             "--config", "configs/digits.yaml", *common, "train.epochs=2", "train.run_name=e2e",
              f"train.storage_path={tmp_path}/runs", f"tracking.output_dir={tmp_path}/out"]
     r, out = _run(train, env)
     logs.append(out)

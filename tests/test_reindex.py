@@ -71,7 +71,7 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
         assert int(ref_ids[q, 0]) == own or stored[int(ref_ids[q, 0])] == stored[own]
     own_top5 = np.mean([int(enc.ids[q]) in res.ids[q] for q in range(200)])
     own_top1 = np.mean([stored[int(res.ids[q, 0])] == stored[int(enc.ids[q])] for q in range(200)])
-    assert own_top5 >= 0.95 and own_top1 >= 0.8, (own_top5, own_top1)
+    assert own_top5 >= 0.9 and own_top1 >= 0.75, (own_top5, own_top1)
     assert res.uris[0][0].startswith("sklearn:digits/")
     # index_metrics.json beside the shards, with recall against exhaustive ADC.
     m = json.loads(open(os.path.join(root, "models", model.version, "index_metrics.json")).read())
