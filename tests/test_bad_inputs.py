@@ -171,31 +171,31 @@ def _ok_table(ids):
                                  "uri": [None] * len(ids), "label": [None] * len(ids)}, schema=IMAGE_SCHEMA)
 
 
-def _make_bad_source(kind: str, d) -> tuple[list, str]:
-    """Write a broken source under d; returns (needles the error must name, error class name)."""
+def _make_bad_source(kind: str, d) -> list[str]:
+    """Write a broken source under d; returns what the error line must name."""
     p0 = d / "part-00000.parquet"
     d.mkdir(parents=True, exist_ok=True)
     if kind == "truncated":
         pq.write_table(_ok_table(range(20)), p0)
         data = p0.read_bytes()
         p0.write_bytes(data[: len(data) // 2])
-        return [str(p0), "not a readable Parquet file"], "SchemaError"
+        return [str(p0), "not a readable Parquet file"]
     if kind == "id_as_string":
         pq.write_table(pa.table({"id": ["a", "b"], "image": [b"x", b"y"]}), p0)
-        return [str(p0), "column 'id'", "string", "int64"], "SchemaError"
+        return [str(p0), "column 'id'", "string", "int64"]
     if kind == "image_as_int":
         pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": pa.array([1, 2], pa.int64())}), p0)
-        return [str(p0), "column 'image'", "binary"], "SchemaError"
+        return [str(p0), "column 'image'", "binary"]
     if kind == "missing_image":
         pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "uri": ["a", "b"]}), p0)
-        return [str(p0), "missing column 'image'"], "SchemaError"
+        return [str(p0), "missing column 'image'"]
     if kind == "no_shards":
         (d / "README.txt").write_text("no parquet here")
-        return ["no image shards", str(d)], "SchemaError"
+        return ["no image shards", str(d)]
     if kind == "duplicate_id":
         pq.write_table(_ok_table(range(0, 30)), p0)
         pq.write_table(_ok_table([30, 31, 7, 32]), d / "part-00001.parquet")
-        return ["id 7"], "SSCQError"
+        return ["id 7"]
     raise AssertionError(kind)
 
 
@@ -204,7 +204,7 @@ BAD_SOURCES = ["truncated", "id_as_string", "image_as_int", "missing_image", "no
 
 @pytest.mark.parametrize("kind", BAD_SOURCES)
 def test_bad_source_ingest_cli_one_error_line(kind, tmp_path):
-    needles, _ = _make_bad_source(kind, tmp_path / "src")
+    needles = _make_bad_source(kind, tmp_path / "src")
     out = run_job("ingest.py", "--source", "parquet", "--source-path", str(tmp_path / "src"),
                   "--dest", str(tmp_path / "dest"), "--no-progress")
     assert_one_error_line(out, *needles)
@@ -219,7 +219,7 @@ def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
     from sscq_dist.indexing.reindex import reindex
     from sscq_dist.storage import resolve
 
-    needles, _ = _make_bad_source(kind, tmp_path / "src")
+    needles = _make_bad_source(kind, tmp_path / "src")
     cfg = make_cfg(tmp_path, str(tmp_path), "index.encode_batch_size=8")
     root = str(tmp_path / "index")
     with pytest.raises(SSCQError) as e:
@@ -232,7 +232,7 @@ def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
 
 
 def test_bad_shard_reindex_cli_one_error_line(tmp_path, model_dir, ray_local):
-    needles, _ = _make_bad_source("truncated", tmp_path / "src")
+    needles = _make_bad_source("truncated", tmp_path / "src")
     out = run_job("reindex.py", "--images", str(tmp_path / "src"), "--index-root", str(tmp_path / "index"),
                   "--model", model_dir, "--config", DIGITS_YAML,
                   f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.output_dir={tmp_path}/out",
@@ -303,10 +303,9 @@ def test_invalid_config_one_error_naming_the_key(name, tmp_path):
 
 
 def test_train_cli_refuses_invalid_overrides(tmp_path):
+    """Overrides are checked before anything starts: no run storage, no MLflow store."""
     out = run_job("train.py", "--config", DIGITS_YAML, "model.bits=24", "train.epochs=1", cwd=str(tmp_path))
     assert_one_error_line(out, "model.bits", "24")
-    out = run_job("train.py", "--config", DIGITS_YAML, "train.epoch=1", cwd=str(tmp_path))
-    assert_one_error_line(out, "unknown config key 'train.epoch'")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns.db").exists()
 
 

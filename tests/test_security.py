@@ -66,7 +66,7 @@ def test_no_credentials_anywhere(s3_bucket, tmp_path, ray_local):
     for script, out in outputs:
         assert not _leaks(out.stdout + out.stderr), f"{script} printed a secret"
     # MLflow: every run's params, tags and metric keys; every model version's tags.
-    client = MlflowClient(db)
+    client = MlflowClient(db, registry_uri=db)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert {"sscq", "sscq-reindex"} <= {client.get_experiment(r.info.experiment_id).name for r in runs}
     for r in runs:
