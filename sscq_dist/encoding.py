@@ -91,11 +91,10 @@ def embed_images(model: torch.nn.Module, images_u8: np.ndarray, batch_size: int 
 
 
 def codes_from_embeddings(f: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """Hard codes (N, M) uint8: per-subspace argmin of squared L2 to the codewords."""
-    m, k, d = codebooks.shape
-    fs = f.reshape(len(f), m, 1, d)
-    dist = ((fs - codebooks[None]) ** 2).sum(-1)
-    return dist.argmin(-1).astype(np.uint8)
+    """Hard codes (N, M) uint8: the same argmin FAISS indexing uses (one implementation)."""
+    from sscq_dist.indexing.faiss_index import assign_codes
+
+    return assign_codes(f, codebooks)
 
 
 def encode_set(model: torch.nn.Module, uri: str, cfg: Config, batch_size: int = 512,
