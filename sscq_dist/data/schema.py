@@ -1,0 +1,74 @@
+"""The image-shard contract (SPEC section 3) and its checks."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sscq_dist.errors import SchemaError
+from sscq_dist.storage import Location, list_files, with_retries
+
+IMAGE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("uri", pa.string(), nullable=True),
+    pa.field("label", pa.list_(pa.int32()), nullable=True),
+])
+REQUIRED = {"id": "int64", "image": "binary"}
+OPTIONAL = {"uri": "string", "label": "list<int32>"}
+SHARD_PREFIX = "part-"
+
+
+def _type_ok(name: str, typ: pa.DataType) -> bool:
+    if name == "id":
+        return pa.types.is_int64(typ)
+    if name == "image":
+        return pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
+    if name == "uri":
+        return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+    if name == "label":
+        return (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_integer(typ.value_type) \
+            or pa.types.is_null(typ)
+    return True
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """Raise SchemaError naming the file and the column when `schema` breaks the contract."""
+    names = set(schema.names)
+    for col, expected in REQUIRED.items():
+        if col not in names:
+            raise SchemaError(f"{where}: missing column '{col}' (expected {expected})")
+    for col, expected in {**REQUIRED, **OPTIONAL}.items():
+        if col in names and not _type_ok(col, schema.field(col).type):
+            raise SchemaError(f"{where}: column '{col}' has type {schema.field(col).type}, expected {expected}")
+
+
+def shard_files(loc: Location) -> list:
+    """The `part-*.parquet` files under a prefix (or the single file the URI names)."""
+    if loc.path.endswith(".parquet"):
+        return [loc]
+    infos = [i for i in list_files(loc, ".parquet") if i.base_name.startswith(SHARD_PREFIX)]
+    return [Location(loc.fs, i.path, loc.uri.rstrip("/") + "/" + i.base_name, loc.storage) for i in infos]
+
+
+def validate_shards(loc: Location) -> list[Location]:
+    """List and check every shard's footer schema (cheap: metadata only).
+
+    A truncated or non-Parquet file, a missing or mistyped column, or an empty prefix is
+    one SchemaError naming the file.
+    """
+    files = shard_files(loc)
+    if not files:
+        raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
+    for f in files:
+        def _schema(f=f):
+            with f.fs.open_input_file(f.path) as fh:
+                return pq.read_schema(fh)
+        try:
+            schema = with_retries(_schema, f"read schema of {f.uri}", f.storage)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            if "unreachable" in str(exc):
+                raise
+            raise SchemaError(f"{f.uri}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
+        check_schema(schema, f.uri)
+    return files
