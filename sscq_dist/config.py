@@ -182,7 +182,8 @@ class IndexConfig:
     metrics_queries: int = 1000
     metrics_max_rows: int = 2_000_000
     encode_batch_size: int = 512
-    encode_concurrency: int = 1
+    # Encoding actors; 0 = auto: one per GPU with use_gpu, else one per CPU less one for reads.
+    encode_concurrency: int = 0
     # Source image shards encoded into one index shard.
     source_shards_per_index_shard: int = 1
     # Index-root lock lease; a heartbeat renews it, so a dead writer's lease lapses this fast.
@@ -352,7 +353,7 @@ def validate(cfg: Config) -> Config:
     _check(ix.ivf_train_sample >= ix.nlist, "index.ivf_train_sample",
            f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")
     _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
-    _check(ix.encode_concurrency >= 1, "index.encode_concurrency", f"must be >= 1, got {ix.encode_concurrency}")
+    _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
     _check(ix.source_shards_per_index_shard >= 1, "index.source_shards_per_index_shard", "must be >= 1")
     _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     return cfg

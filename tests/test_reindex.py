@@ -195,3 +195,13 @@ def test_checksum_mismatch_and_lock_refusal(trained, model, images, tmp_path, ra
     write_manifest(loc, m)
     with pytest.raises(IndexError_, match="checksum"):
         reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
+
+
+def test_encoder_actor_count_explicit_and_auto(ray_local):
+    from sscq_dist.config import load_config
+    from sscq_dist.indexing.encode_job import encoder_actors
+
+    assert encoder_actors(load_config(None, ["index.encode_concurrency=3"])) == 3
+    # auto on CPU: the session Ray's 4 CPUs less one for reads, capped by the cores under it
+    assert encoder_actors(load_config(None)) == max(1, min(3, os.cpu_count() or 1))
+    assert encoder_actors(load_config(None, ["index.use_gpu=true"])) == 1  # no GPU here: at least one actor

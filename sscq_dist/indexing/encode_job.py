@@ -7,6 +7,7 @@ ok=False so the caller can count them per source shard.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -17,6 +18,8 @@ from sscq_dist.data.augment import eval_view
 from sscq_dist.data.decode import decode_batch
 
 PATH_COLUMN = "path"
+# Encoder input block = this many encode batches: small enough to keep every actor busy.
+ENCODE_BLOCK_BATCHES = 4
 
 
 class ShardEncoder:
@@ -44,6 +47,21 @@ class ShardEncoder:
                 "ok": ok, "f": f}
 
 
+def encoder_actors(cfg: Config) -> int:
+    """index.encode_concurrency, or the auto count for 0 (needs a running Ray)."""
+    import ray
+
+    if cfg.index.encode_concurrency > 0:
+        return cfg.index.encode_concurrency
+    res = ray.cluster_resources()
+    if cfg.index.use_gpu:
+        return max(1, int(res.get("GPU", 0)))
+    cpus = int(res.get("CPU", 1)) - 1  # one CPU left for the Parquet read and block splits
+    if len(ray.nodes()) == 1:  # a local Ray may advertise more CPUs than the cores under it
+        cpus = min(cpus, os.cpu_count() or 1)
+    return max(1, cpus)
+
+
 def encode_stream(paths: list[str], fs, state_dict: dict, cfg: Config,
                   sample_fraction: Optional[float] = None, seed: int = 0) -> Iterator[dict]:
     """Encode the given Parquet files; yields numpy batches {path, id, ok, f}.
@@ -55,6 +73,9 @@ def encode_stream(paths: list[str], fs, state_dict: dict, cfg: Config,
 
     ix = cfg.index
     ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns([PATH_COLUMN, "id", "image"])
+    # The Parquet reader merges small files into one big block, which one actor would then
+    # encode alone (and emit only at the end); small streaming blocks spread the work.
+    ds = ds.repartition(target_num_rows_per_block=ENCODE_BLOCK_BATCHES * ix.encode_batch_size)
     if sample_fraction is not None and sample_fraction < 1.0:
         ds = ds.random_sample(sample_fraction, seed=seed)
     use_gpu = bool(ix.use_gpu)
@@ -63,7 +84,7 @@ def encode_stream(paths: list[str], fs, state_dict: dict, cfg: Config,
         fn_constructor_kwargs={"state_dict": state_dict, "cfg_dict": cfg.to_dict(), "use_gpu": use_gpu},
         batch_size=ix.encode_batch_size,
         batch_format="numpy",
-        concurrency=ix.encode_concurrency,
+        concurrency=encoder_actors(cfg),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
