@@ -10,7 +10,8 @@ from PIL import Image
 
 from sscq_dist.config import load_config
 from sscq_dist.data.decode import decode_image
-from sscq_dist.data.pipeline import DropCounter, eval_dataset, pipeline_pass, read_images, two_view_dataset
+from sscq_dist.data.pipeline import (DropCounter, cached_epochs_dataset, eval_dataset, pipeline_pass, read_images,
+                                     two_view_dataset)
 from sscq_dist.data.schema import IMAGE_SCHEMA
 from sscq_dist.errors import SchemaError
 from sscq_dist.ingest import ingest, png_bytes
@@ -41,6 +42,21 @@ def test_eval_mode_is_deterministic(ray_local, digits_dir, cfg):
     a = np.concatenate([b["image"] for b in ds.iter_batches(batch_size=128, batch_format="numpy")])
     b = np.concatenate([b["image"] for b in ds.iter_batches(batch_size=128, batch_format="numpy")])
     assert a.shape == (297, 1, 28, 28) and np.array_equal(a, b)
+
+
+def test_cached_epochs_stream_serves_every_pass_with_fresh_views(ray_local, digits_dir, cfg):
+    epochs = 12
+    ds = cached_epochs_dataset(read_images(digits_dir + "/test", cfg), cfg, epochs, seed=3)
+    batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
+    ids = np.concatenate([b["id"] for b in batches])
+    # One input of epochs x blocks: every image exactly once per pass, nothing lost or doubled.
+    assert len(ids) == epochs * 297
+    assert np.array_equal(np.bincount(ids)[np.unique(ids)], np.full(297, epochs))
+    assert batches[0]["view_a"].shape == (100, 1, 28, 28) and all(b["ok"].all() for b in batches)
+    # Views are augmented per pass, not cached: one image's views differ across passes.
+    views = np.concatenate([b["view_a"] for b in batches])
+    first = views[ids == ids[0]]
+    assert len(first) == epochs and np.abs(first[0] - first[1:]).mean() > 0.01
 
 
 def _shard_with_corrupt(path, n_valid=20):
