@@ -81,6 +81,12 @@ def test_encode_throughput_smoke(tmp_path, data_dir):
     assert 4.0 <= res["reindex"]["bytes_per_image"] < 64.0
 
 
+def test_stream_passes_smoke(tmp_path):
+    stdout = run_script("stream_passes.py", ["--smoke"], tmp_path)
+    rows = [line for line in stdout.splitlines() if line.startswith("| refs") or line.startswith("| union")]
+    assert len(rows) == 4 and all(float(r.rstrip(" |").rsplit("|", 1)[1]) > 0 for r in rows)
+
+
 def test_gpu_check_script_is_valid_bash():
     script = os.path.join(BENCH, "gpu_check.sh")
     subprocess.run(["bash", "-n", script], check=True)

@@ -62,26 +62,30 @@ def _augment_only(batch: dict, data_cfg: DataConfig) -> dict:
             "view_a": augment(t, data_cfg.augment).numpy(), "view_b": augment(t, data_cfg.augment).numpy()}
 
 
+def repeat_blocks(ds: "ray.data.Dataset", passes: int, seed: int = 0) -> "ray.data.Dataset":
+    """`passes` passes over a materialized dataset's blocks, each in a new seeded order.
+
+    One input of `passes x blocks` references to the same blocks (no copies). A `union` of
+    one dataset per pass makes every step of the streaming executor walk an operator per
+    pass: streaming 3 passes out of a 60-pass union took 108 s against 9 s out of a 10-pass
+    one; out of this single input, 7 s and 4.5 s (benchmarks/stream_passes.py).
+    """
+    blocks = ds.to_arrow_refs()  # zero-copy when the blocks are Arrow already (ours are)
+    rng = np.random.default_rng(seed)
+    return ray.data.from_arrow_refs([blocks[i] for _ in range(passes) for i in rng.permutation(len(blocks))])
+
+
 def cached_epochs_dataset(ds: "ray.data.Dataset", cfg: Config, epochs: int, seed: int = 0) -> "ray.data.Dataset":
     """Decode once into the object store, then stream `epochs` passes of fresh two-view augmentation.
 
     For collections that fit in memory (uint8 pixels): one streaming execution serves the
     whole run, so no epoch pays the pipeline start-up, and each pass visits blocks in a new
     random order.
-
-    The passes are one input of `epochs x blocks` references to the same cached blocks (no
-    copies). A `union` of one dataset per pass makes every step of the streaming executor
-    walk an operator per pass: streaming 3 passes out of a 60-pass union took 111 s against
-    16 s out of a 10-pass one; out of this single input, 10 s and 9 s.
     """
     decoded = ds.map_batches(_decode_only, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size,
                              batch_format="numpy").materialize()
-    blocks = decoded.to_arrow_refs()  # zero-copy: the decoded blocks are Arrow already
-    rng = np.random.default_rng(seed)
-    order = [blocks[i] for _ in range(epochs) for i in rng.permutation(len(blocks))]
-    stream = ray.data.from_arrow_refs(order)
-    return stream.map_batches(_augment_only, fn_kwargs={"data_cfg": cfg.data},
-                              batch_size=cfg.data.decode_batch_size, batch_format="numpy")
+    return repeat_blocks(decoded, epochs, seed).map_batches(
+        _augment_only, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size, batch_format="numpy")
 
 
 def _eval_view(batch: dict, data_cfg: DataConfig) -> dict:
