@@ -184,10 +184,12 @@ class IndexConfig:
     encode_batch_size: int = 512
     # Encoding actors; 0 = auto: one per GPU with use_gpu, else one per CPU less one for reads.
     encode_concurrency: int = 0
-    # Source image shards encoded into one index shard.
-    source_shards_per_index_shard: int = 1
     # Index-root lock lease; a heartbeat renews it, so a dead writer's lease lapses this fast.
     lock_ttl_s: float = 120.0
+    # Snapshots and part files no retained snapshot names are deleted once this much older
+    # (readers that opened an older generation keep working this long; the current and
+    # previous snapshots are always kept).
+    gc_grace_s: float = 86400.0
 
 
 @dataclass
@@ -354,7 +356,8 @@ def validate(cfg: Config) -> Config:
            f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")
     _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
-    _check(ix.source_shards_per_index_shard >= 1, "index.source_shards_per_index_shard", "must be >= 1")
+    _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
+    _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
     _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
     return cfg
 

@@ -193,6 +193,10 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
 
 
+class NotFound(StorageError):
+    """The object or file does not exist (an answer, never retried)."""
+
+
 def read_bytes(loc: Location) -> bytes:
     def _read():
         with loc.fs.open_input_stream(loc.path) as f:
@@ -201,7 +205,7 @@ def read_bytes(loc: Location) -> bytes:
     try:
         return with_retries(_read, f"read {loc.uri}", loc.storage)
     except FileNotFoundError:
-        raise StorageError(f"not found: {loc.uri}") from None
+        raise NotFound(f"not found: {loc.uri}") from None
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

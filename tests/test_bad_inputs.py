@@ -215,7 +215,7 @@ def test_bad_source_ingest_cli_one_error_line(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", BAD_SOURCES)
 def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
-    from sscq_dist.indexing.manifest import read_current
+    from sscq_dist.indexing.formats import read_current
     from sscq_dist.indexing.reindex import reindex
     from sscq_dist.storage import resolve
 
@@ -226,7 +226,7 @@ def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
         reindex(str(tmp_path / "src"), root, model_dir, cfg, progress=False)
     msg = str(e.value)
     assert "\n" not in msg
-    for n in needles if kind != "duplicate_id" else ["id 7", "also in"]:
+    for n in needles if kind != "duplicate_id" else ["id 7", "is in both"]:
         assert n in msg, msg
     assert read_current(resolve(root)) is None  # nothing is served from a refused build
 
