@@ -196,7 +196,7 @@ def test_s3_plan_is_one_listing_and_append_publishes_a_new_generation(trained, m
     def counting(cfg_=None):
         fs = original(cfg_)
         fs.connect()
-        fs.s3.meta.events.register("before-call.s3", lambda model, params, **kw: calls.append(
+        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: calls.append(
             (model.name, params.get("Key") or params.get("Prefix") or "")))
         return fs
     monkeypatch.setattr(storage, "s3fs_filesystem", counting)

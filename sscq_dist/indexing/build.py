@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from sscq_dist import storage
 from sscq_dist.config import Config, from_dict
 from sscq_dist.data.schema import check_schema
-from sscq_dist.errors import IndexError_, SchemaError, SSCQError
+from sscq_dist.errors import IndexError_, SchemaError, SSCQError, StorageError
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
 from sscq_dist.indexing.formats import (IVF_TRAINED_FILE, SCHEMA_VERSION, PartRecord, SourceShard, idmap_bytes, now_iso,
@@ -120,7 +120,13 @@ class PartBuilder:
 
     def build(self, part: str, src: SourceShard) -> PartRecord:
         loc = resolve(src.uri, self.cfg.storage)
-        index, ids, uris, rows, n_rows = storage.with_retries(lambda: self._encode(loc), f"read {loc.uri}", loc.storage)
+        try:
+            index, ids, uris, rows, n_rows = storage.with_retries(lambda: self._encode(loc), f"read {loc.uri}",
+                                                                  loc.storage)
+        except FileNotFoundError:
+            raise StorageError(f"{src.uri}: not found (removed after the listing?); rerun the reindex") from None
+        except PermissionError as exc:
+            raise StorageError(f"{src.uri}: permission denied ({exc})") from None
         if len(ids) != len(np.unique(ids)):
             uniq, counts = np.unique(ids, return_counts=True)
             dup = int(uniq[counts > 1][0])
