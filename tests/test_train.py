@@ -110,7 +110,7 @@ def test_worker_killed_between_step_checkpoints_resumes_mid_epoch(tmp_path, digi
             killed["error"] = traceback.format_exc()
 
     def _killer():
-        deadline = time.time() + 240
+        deadline = time.time() + 900  # worker start-up alone can take minutes on a loaded 2-core machine
         while time.time() < deadline and not killed:
             # A checkpoint counts once Ray Train has registered it in the run's snapshot.
             snaps = [os.path.join(r, f) for r, _, files in os.walk(tmp_path / "runs") for f in files
