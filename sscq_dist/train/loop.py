@@ -37,6 +37,10 @@ CLIENT_STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "images_seen", "se
 LOSS_TERMS = ("icf", "icz", "cc", "pn", "cd")
 # Source files with drops that each rank contributes to the drop-ceiling error line.
 DROP_EXAMPLES_PER_RANK = 3
+# Ray Train's controller collects reported checkpoints when it polls the workers (every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s); a checkpoint reported less than a poll
+# before a worker dies is lost. After a step checkpoint the worker waits this many polls.
+REPORT_POLLS_WAITED = 1.5
 
 def lr_lambda(warmup_steps: int, total_steps: int):
     """Linear warm-up to 1, then cosine decay to 0 (multiplier for the base lr)."""
@@ -305,6 +309,10 @@ def train_func(loop_config: dict) -> None:
                 _check_drops(drops, shard_uris, cfg.data.max_drop_fraction, world, device)
                 save_and_report({"epoch": epoch, "step_in_epoch": first_step + steps, "global_step": global_step,
                                  "images_seen": images_seen}, epoch, first_step + steps)
+                # Let the controller register it before training moves on, so a failure after
+                # this point repeats at most the next interval (measured: without the wait a
+                # kill 1 s after a checkpoint resumed from the one before it).
+                time.sleep(REPORT_POLLS_WAITED * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
                 if rank == 0:
                     print(f"[train] step checkpoint: epoch {epoch + 1} step {first_step + steps} "
                           f"(global step {global_step})", flush=True)
