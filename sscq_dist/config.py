@@ -67,8 +67,15 @@ class DataConfig:
     # Rows shuffled locally by each training worker's iterator (0 = off).
     shuffle_buffer: int = 1024
     # Training sets up to this many rows are decoded once and cached in the object store
-    # (uint8 pixels), and all epochs stream from one execution; larger ones stream per epoch.
+    # (uint8, C*H*W bytes per image), and every epoch iterates the cache in a new seeded
+    # block order; larger ones are read and decoded again every epoch.
     cache_max_rows: int = 2_000_000
+    # Stop training (one error line, no model registered) when more than this share of the
+    # training rows does not decode. A clean collection drops nothing (digits, Fashion-MNIST:
+    # 0) and sporadic corrupt files in a crawl stay far below 1 %; a systematic fault (wrong
+    # codec, truncated or foreign shards) crosses it, and training on what is left would
+    # register a model of a silently different collection.
+    max_drop_fraction: float = 0.01
     # Decoded pixels above this count are refused (decompression-bomb guard).
     max_image_pixels: int = 50_000_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -135,6 +142,17 @@ class TrainConfig:
     max_failures: int = 2
     # Checkpoint (every rank saves, then report) every N epochs and after the last one.
     checkpoint_every_epochs: int = 1
+    # Also checkpoint every N global steps inside an epoch (0 = off): a failure then costs at
+    # most N steps, not the rest of a long epoch.
+    checkpoint_every_steps: int = 0
+    # Speed switches; null = auto: on for CUDA workers (bf16 only where the GPU supports
+    # it), off on CPU where each measured slower or no faster (BENCHMARKS.md); true/false force.
+    # bf16: forward under torch.autocast(bfloat16), fp32 weights and losses.
+    bf16: Optional[bool] = None
+    # channels_last: model and augmented views in channels-last memory format.
+    channels_last: Optional[bool] = None
+    # compile: torch.compile of the model (in place, checkpoints unchanged).
+    compile: Optional[bool] = None
     # Checkpoints Ray Train keeps per run (0 = all; the quality benchmark evaluates each one).
     keep_checkpoints: int = 2
     log_every_steps: int = 10
@@ -306,6 +324,8 @@ def validate(cfg: Config) -> Config:
     _check(d.decode_batch_size >= 1, "data.decode_batch_size", f"must be >= 1, got {d.decode_batch_size}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
     _check(d.cache_max_rows >= 0, "data.cache_max_rows", f"must be >= 0, got {d.cache_max_rows}")
+    _check(0.0 <= d.max_drop_fraction <= 1.0, "data.max_drop_fraction",
+           f"must be in [0, 1], got {d.max_drop_fraction}")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", f"must be >= 0, got {d.prefetch_batches}")
     _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
     for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
@@ -332,6 +352,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")
     _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs",
            f"must be >= 1, got {t.checkpoint_every_epochs}")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+           f"must be >= 0 (0 = off), got {t.checkpoint_every_steps}")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {t.max_steps_per_epoch}")

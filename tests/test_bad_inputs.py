@@ -125,8 +125,8 @@ def test_decoder_skips_bad_bytes_and_converts_every_mode(mixed_shard):
 
 
 def test_ray_pipeline_counts_undecodable_rows(mixed_shard, ray_local):
-    """Through Ray Data (decode + two augmented views): bad rows dropped by id and counted."""
-    from sscq_dist.data.pipeline import DropCounter, pipeline_pass, read_images, two_view_dataset
+    """Through Ray Data (decode to the uint8 training stream): bad rows dropped by id and counted."""
+    from sscq_dist.data.pipeline import DropCounter, decoded_images, pipeline_pass
 
     cfg = load_config(DIGITS_YAML, ["data.decode_batch_size=4"])
     stats = pipeline_pass(mixed_shard["dir"], cfg, batch_size=4, progress=False)
@@ -134,9 +134,9 @@ def test_ray_pipeline_counts_undecodable_rows(mixed_shard, ray_local):
     assert stats.rows == len(mixed_shard["good_ids"]) + n_bad and stats.dropped == n_bad
     counter = DropCounter()
     kept = []
-    for b in counter.iterate(two_view_dataset(read_images(mixed_shard["dir"], cfg), cfg)
-                             .iter_batches(batch_size=4, batch_format="numpy")):
-        assert np.isfinite(b["view_a"]).all() and b["view_a"].shape[1:] == (1, 8, 8)
+    ds, _ = decoded_images(mixed_shard["dir"], cfg)
+    for b in counter.iterate(ds.iter_batches(batch_size=4, batch_format="numpy")):
+        assert b["image"].dtype == np.uint8 and b["image"].shape[1:] == (8, 8, 1)
         kept.extend(b["id"].tolist())
     assert sorted(kept) == mixed_shard["good_ids"]
     assert sorted(counter.dropped_ids) == mixed_shard["bad_ids"]

@@ -68,6 +68,10 @@ def test_train_throughput_smoke(tmp_path, data_dir):
     assert 0.0 <= ray_run["data_wait_fraction"] <= 1.0
     assert res["overhead_ratio"]["2"] == pytest.approx(ray_run["images_per_s"] / res["plain"]["images_per_s"])
     assert res["pipeline"]["rows"] == 1500 and res["pipeline"]["dropped"] == 0  # the digits train split
+    # The stream ships uint8 (C*H*W bytes + 13 of id/ok/shard), the old format two float32 views.
+    sb = res["stream_bytes"]
+    assert sb["chw"] <= sb["uint8_bytes_per_image"] <= sb["chw"] + 32
+    assert sb["float_views_bytes_per_image"] >= 8 * sb["chw"]
 
 
 def test_encode_throughput_smoke(tmp_path, data_dir):
@@ -83,8 +87,16 @@ def test_encode_throughput_smoke(tmp_path, data_dir):
 
 def test_stream_passes_smoke(tmp_path):
     stdout = run_script("stream_passes.py", ["--smoke"], tmp_path)
-    rows = [line for line in stdout.splitlines() if line.startswith("| refs") or line.startswith("| union")]
-    assert len(rows) == 4 and all(float(r.rstrip(" |").rsplit("|", 1)[1]) > 0 for r in rows)
+    rows = [line for line in stdout.splitlines() if line.startswith("| one ")]
+    assert len(rows) == 6  # 3 epochs x (one stream, one execution per epoch)
+    rates = [float(r.split("|")[3]) for r in rows]
+    assert all(r > 0 for r in rates)
+
+
+def test_augment_speed_smoke(tmp_path):
+    stdout = run_script("augment_speed.py", ["--smoke"], tmp_path)
+    row = next(line for line in stdout.splitlines() if line.startswith("| 32 | 16 |"))
+    assert float(row.split("|")[3].replace(",", "")) > 0 and float(row.split("|")[4].replace(",", "")) > 0
 
 
 def test_gpu_check_script_is_valid_bash():
