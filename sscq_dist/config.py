@@ -84,6 +84,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"
+    # small_cnn channel multiplier (encoder capacity; cost grows with its square).
+    width: float = 1.0
     bits: int = 32
     num_codewords: int = 16  # K; 16 means 4-bit codes (FAISS fast-scan)
     codeword_dim: int = 16  # d
@@ -312,6 +314,7 @@ def validate(cfg: Config) -> Config:
     _check(m.bits % 4 == 0, "model.bits", f"must be divisible by log2(K)=4, got {m.bits}")
     _check(m.codeword_dim > 0, "model.codeword_dim", f"must be > 0, got {m.codeword_dim}")
     _check(m.head_hidden > 0, "model.head_hidden", f"must be > 0, got {m.head_hidden}")
+    _check(0 < m.width <= 8, "model.width", f"must be in (0, 8], got {m.width}")
     for name in ("tau_q",):
         _check(getattr(m, name) > 0, f"model.{name}", f"temperature must be > 0, got {getattr(m, name)}")
     for name in ("tau_ic", "tau_cc", "tau_pn", "tau_cd"):
