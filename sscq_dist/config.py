@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from sscq_dist.errors import ConfigError
+from sscq_dist.records import build_record
 
 BITS_CHOICES = (16, 32, 64)
 BACKBONES = ("small_cnn", "resnet18_cifar", "resnet50")
@@ -252,54 +252,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check/convert one leaf value against its annotated type."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], key + ".")
-        else:
-            kwargs[f.name] = _coerce(key, data[f.name], tp)
-    return cls(**kwargs)
-
-
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
@@ -419,7 +371,7 @@ def from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_nested(data, key, value)
-    return validate(_build(Config, data, ""))
+    return validate(build_record(Config, data, lambda msg: ConfigError(f"config {msg}"), strict=True))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

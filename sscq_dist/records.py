@@ -1,7 +1,7 @@
 """One typed-record loader: a JSON/YAML mapping -> a dataclass, or one error line naming the key.
 
-Used by every on-disk record the package reads (index part records, snapshots, legacy
-manifests). Field types understood: bool, int, float, str, dict, Any, Optional[X], list[X]
+Used by the config loader and every on-disk record the package reads (index part records,
+snapshots, legacy manifests), so every such error reads the same: "<where> key 'a.b': <problem>". Field types understood: bool, int, float, str, dict, Any, Optional[X], list[X]
 and nested dataclasses. Unknown keys are refused when `strict` (a typo must not be ignored)
 and tolerated otherwise (a newer writer may add fields an older reader does not know).
 
@@ -23,10 +23,7 @@ Error = Callable[[str], Exception]
 Checker = Callable[[Any, str, Error, bool], Any]
 
 _LEAF = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
 
 def _leaf_checker(tp: Any) -> Checker:
@@ -34,12 +31,12 @@ def _leaf_checker(tp: Any) -> Checker:
         return lambda v, key, error, strict: v
     if tp not in _LEAF:
         raise AssertionError(f"unhandled record field type {tp}")
-    ok_types, name = _LEAF[tp], _type_name(tp)
+    ok_types, expected = _LEAF[tp], _EXPECTED[tp]
     no_bool = tp is not bool
 
     def check(v, key, error, strict):
         if not isinstance(v, ok_types) or (no_bool and isinstance(v, bool)):
-            raise error(f"key '{key}' must be {name}, got {type(v).__name__} {v!r:.80}")
+            raise error(f"key '{key}': expected {expected}, got {type(v).__name__} {v!r:.80}")
         return float(v) if tp is float else v
     return check
 
@@ -56,7 +53,7 @@ def _checker(tp: Any) -> Checker:
 
         def check_list(v, key, error, strict):
             if not isinstance(v, list):
-                raise error(f"key '{key}' must be a list, got {type(v).__name__}")
+                raise error(f"key '{key}': expected a list, got {type(v).__name__}")
             return [item_check(x, f"{key}[{i}]", error, strict) for i, x in enumerate(v)]
         return check_list
     if dataclasses.is_dataclass(tp):
@@ -77,25 +74,25 @@ def _checkers(cls: type) -> tuple[tuple[str, Checker, bool], ...]:
 
 
 def build_record(cls: type[T], data: Any, error: Error, prefix: str = "", strict: bool = False) -> T:
-    """Check `data` against dataclass `cls` field by field; raise error("key 'a.b' ...") on the first problem.
+    """Check `data` against dataclass `cls` field by field; raise error("key 'a.b': ...") on the first problem.
 
     error: turns the message into the caller's exception type (ConfigError, IndexError_, ...).
     Fields with a default may be missing; fields without one are required.
     """
     if not isinstance(data, dict):
-        raise error(f"key '{prefix.rstrip('.') or '<root>'}' must be an object, got {type(data).__name__}")
+        raise error(f"key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {type(data).__name__} {data!r:.80}")
     fields = _checkers(cls)
     if strict:
         names = {n for n, _, _ in fields}
         for k in data:
             if k not in names:
-                raise error(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+                raise error(f"key '{prefix}{k}': unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, check, required in fields:
         if name in data:
             kwargs[name] = check(data[name], prefix + name, error, strict)
         elif required:
-            raise error(f"missing key '{prefix}{name}'")
+            raise error(f"key '{prefix}{name}': missing")
     return cls(**kwargs)
 
 
@@ -112,7 +109,7 @@ def parse_json_record(cls: type[T], text: str | bytes, source: str, error: Error
     if not isinstance(data, dict):
         raise err("expected a JSON object at the top level")
     if schema_version is not None and data.get("schema_version") != schema_version:
-        raise err(f"key 'schema_version' is {data.get('schema_version')!r}, this reader understands {schema_version}")
+        raise err(f"key 'schema_version': {data.get('schema_version')!r}, this reader understands {schema_version}")
     data.pop("schema_version", None)
     return build_record(cls, data, err)
 

@@ -279,8 +279,8 @@ def test_empty_datasets(tmp_path, model_dir, ray_local):
 
 
 BAD_CONFIGS = {
-    "unknown_key": ("model:\n  bits: 32\n  colour: blue\n", ["unknown config key 'model.colour'"]),
-    "unknown_section": ("trainer:\n  epochs: 3\n", ["unknown config key 'trainer'"]),
+    "unknown_key": ("model:\n  bits: 32\n  colour: blue\n", ["config key 'model.colour': unknown key"]),
+    "unknown_section": ("trainer:\n  epochs: 3\n", ["config key 'trainer': unknown key"]),
     "wrong_type": ("train:\n  epochs: three\n", ["train.epochs", "expected an integer"]),
     "bool_for_int": ("train:\n  num_workers: true\n", ["train.num_workers", "expected an integer"]),
     "bits": ("model:\n  bits: 24\n", ["model.bits", "(16, 32, 64)", "24"]),
