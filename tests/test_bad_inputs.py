@@ -155,7 +155,7 @@ def test_reindex_encodes_good_rows_and_counts_bad_ones(mixed_shard, model_dir, t
     n_bad = len(mixed_shard["bad_ids"])
     assert summary.dropped_rows == n_bad and summary.total_rows == len(mixed_shard["good_ids"])
     s = Searcher.open(root, cfg.storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
+    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.parts])
     assert sorted(ids.tolist()) == mixed_shard["good_ids"]
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(REINDEX_EXPERIMENT)
