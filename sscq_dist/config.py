@@ -227,8 +227,10 @@ class ServeConfig:
     # Serve health checks: how fast a dead replica is noticed and replaced.
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 10.0
-    # Torch threads of an ingress replica (query encoding); replicas share the host's cores.
+    # Torch threads of an ingress replica (query encoding) and FAISS (OpenMP) threads of a
+    # partition replica: one query is small, so replicas, not threads, use the cores.
     torch_threads: int = 1
+    search_threads: int = 1
 
 
 @dataclass
@@ -406,7 +408,7 @@ def validate(cfg: Config) -> Config:
 def validate_serve(sv: ServeConfig) -> ServeConfig:
     """Range checks of the serve section (also run on every run-time reconfigure)."""
     for name in ("partitions", "replicas_per_partition", "ingress_replicas", "default_k", "max_k", "thumb_size",
-                 "max_upload_bytes", "torch_threads"):
+                 "max_upload_bytes", "torch_threads", "search_threads"):
         _check(getattr(sv, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(sv, name)}")
     _check(sv.default_k <= sv.max_k, "serve.default_k", f"must be <= serve.max_k={sv.max_k}, got {sv.default_k}")
     for name in ("partition_cpus", "ingress_cpus", "watch_interval_s", "partition_timeout_s", "health_check_period_s",

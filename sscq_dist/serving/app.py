@@ -99,7 +99,10 @@ class PartitionServer:
     """One partition of whatever snapshot a request names (see holder.py)."""
 
     async def __init__(self, number: int, of: int, index_root: str, cfg: Config):
+        import faiss
+
         self.sv = cfg.serve
+        faiss.omp_set_num_threads(self.sv.search_threads)
         self.holder = SnapshotHolder(storage.resolve(index_root, cfg.storage), number, of, self.sv.cache_dir,
                                      self.sv.nprobe, self.sv.retain_previous_s)
         await asyncio.to_thread(self.holder.load_current)
@@ -511,8 +514,17 @@ def build_app(args: dict):
     overrides = args.get("overrides") or []
     if isinstance(overrides, str):
         overrides = overrides.split()
-    cfg = load_config(args.get("config") or "configs/digits.yaml", list(overrides))
-    return build_application(args["index_root"], cfg, args.get("model") or None)
+    cfg = load_config(_local_path(args.get("config") or "configs/digits.yaml"), list(overrides))
+    return build_application(_local_path(args["index_root"]), cfg, args.get("model") or None)
+
+
+def _local_path(path: str) -> str:
+    """A relative local path as given when it exists in the working directory, else relative to
+    the checkout that holds sscq_dist (Serve may build the app in a process started elsewhere)."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(checkout, path)
 
 
 def start_local(index_root: str, cfg: Config, model_uri: Optional[str] = None, host: Optional[str] = None,
