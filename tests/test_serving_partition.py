@@ -133,3 +133,32 @@ def test_searcher_is_one_partition_and_keeps_its_surface(tmp_path):
     single = np.concatenate([s.search(x[j:j + 1], 5).ids for j in range(20)])
     assert (single[:, 0] == res.ids[:, 0]).mean() >= 0.95
     assert storage.exists(storage.resolve(str(tmp_path / "i")).join("CURRENT"))
+
+
+def test_holder_loads_new_snapshot_beside_old_and_releases_it_after_grace(tmp_path):
+    from sscq_dist.serving.holder import NotReady, SnapshotHolder
+
+    c = codebooks()
+    x, ids, uris = dataset(c, 1200)
+    root = write_root(str(tmp_path / "i"), "pq_fastscan", c, x, ids, uris, n_shards=3, generation=1)
+    holder = SnapshotHolder(root, 1, 2, None, None, retain_previous_s=3600)
+    assert holder.load_current() == "5/00000001"
+    first = holder.get("5/00000001", lambda n: None)
+    x2, ids2, uris2 = dataset(c, 600, seed=5)
+    write_root(str(tmp_path / "i"), "pq_fastscan", c, x2, ids2, uris2, n_shards=2, generation=2)
+    assert holder.load_current() == "5/00000002"
+    # Both serve side by side: requests pinned to the old name still get the old partition.
+    assert holder.get("5/00000001", lambda n: None) is first
+    assert holder.get("5/00000002", lambda n: None).snapshot.generation == 2
+    assert holder.status().held == ["5/00000001", "5/00000002"]
+    holder.retain_previous_s = 0.0
+    assert holder.evict() == ["5/00000001"] and holder.status().held == ["5/00000002"]
+    asked = []
+    with pytest.raises(NotReady, match="does not hold snapshot 5/00000001 yet"):
+        holder.get("5/00000001", asked.append)
+    assert asked == ["5/00000001"]  # a request for a released name starts loading it again
+    assert first.ntotal == 400 and first.index is not None  # partition 2/2 (one of 3 parts) of gen 1, still usable
+    with pytest.raises(Exception, match="does not exist"):
+        holder.load("5/00000009")
+    with pytest.raises(NotReady, match="cannot load snapshot 5/00000009"):
+        holder.get("5/00000009", asked.append)
