@@ -33,7 +33,7 @@ function render(answer) {
     img.alt = "result " + r.id;
     img.src = "thumb/" + encodeURIComponent(r.id);
     const cap = document.createElement("figcaption");
-    cap.textContent = "#" + (rank + 1) + " id " + r.id + " · d " + r.distance.toFixed(3) + " · label " + labelText(r.label);
+    cap.textContent = "#" + (rank + 1) + " · id " + r.id + "\nd " + r.distance.toFixed(3) + " · label " + labelText(r.label);
     if (r.uri) fig.title = r.uri;
     fig.append(img, cap);
     box.append(fig);
