@@ -26,12 +26,17 @@ def tied_dataset(c, n, seed=2):
     return np.ascontiguousarray(x, np.float32), ids, [f"u{i}" for i in ids]
 
 
+def published(tmp_path, kind, c, data, n_shards):
+    """(root, snapshot) of `data` = (x, ids, uris) written as n_shards parts."""
+    root = write_root(str(tmp_path / "i"), kind, c, *data, n_shards=n_shards)
+    return root, open_current(root)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_merged_index_stores_exactly_the_parts_codes_and_searches_like_one_index(tmp_path, kind):
     c = codebooks()
     x, ids, uris = dataset(c, 5003)
-    root = write_root(str(tmp_path / "i"), kind, c, x, ids, uris, n_shards=7)
-    snap = open_current(root)
+    root, snap = published(tmp_path, kind, c, (x, ids, uris), 7)
     part = load_partition(root, snap, snap.parts)
     want = {}
     for index in read_parts_of(root, snap):
@@ -54,8 +59,7 @@ def test_merged_index_stores_exactly_the_parts_codes_and_searches_like_one_index
 def test_partitions_merged_equal_one_partition_even_with_ties(tmp_path, kind):
     c = codebooks()
     x, ids, uris = tied_dataset(c, 3000)
-    root = write_root(str(tmp_path / "i"), kind, c, x, ids, uris, n_shards=9)
-    snap = open_current(root)
+    root, snap = published(tmp_path, kind, c, (x, ids, uris), 9)
     whole = load_partition(root, snap, snap.parts, nprobe=32)
     plan = plan_partitions(snap.parts, 3)
     parts = [load_partition(root, snap, ps, number=i, of=3, nprobe=32) for i, ps in enumerate(plan)]
@@ -95,8 +99,7 @@ def test_plan_balances_bytes_deterministically():
 def test_lookups_locate_ids_and_read_uris_per_row(tmp_path, kind):
     c = codebooks()
     x, ids, uris = dataset(c, 2000)
-    root = write_root(str(tmp_path / "i"), kind, c, x, ids, uris, n_shards=4)
-    snap = open_current(root)
+    root, snap = published(tmp_path, kind, c, (x, ids, uris), 4)
     part = load_partition(root, snap, snap.parts, cache_dir=str(tmp_path / "cache"))
     pos = part.positions_of(ids)
     assert (pos >= 0).all() and len(set(pos.tolist())) == 2000
