@@ -392,6 +392,18 @@ class Partition:
                 "order": int(self.order.nbytes)}
 
 
+def _release_unused_memory() -> None:
+    """Hand the load's transient buffers (id-map tables, unpacked codes) back to the OS, so a
+    replica's resident set is what it holds, not its loading peak."""
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its cache
+        pass
+
+
 def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], number: int = 0, of: int = 1,
                    cache_dir: Optional[str] = None, nprobe: Optional[int] = None,
                    progress_every_s: float = 10.0) -> Partition:
@@ -451,6 +463,7 @@ def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], numbe
     order = np.argsort(ids_view, kind="stable").astype(np.uint32 if total < 2 ** 32 else np.int64)
     if total and np.any(ids_view[order[1:]] == ids_view[order[:-1]]):
         raise IndexError_(f"snapshot {snap.name}: an id appears twice in partition {number + 1}/{of}")
+    _release_unused_memory()
     # `ids_view` may point into the index's memory: both live and die with the Partition.
     part = Partition(snap, number, of, list(parts), merged, ids_view, order, offsets, lookups,
                      load_seconds=time.perf_counter() - t0)
