@@ -270,6 +270,7 @@ def main() -> int:
               f"per-part loop {res['per_part_loop'][str(n)]['p50_ms']:.2f} ms p50", flush=True)
     assert all(np.array_equal(want[a.parts[0]], want[n]) for n in a.parts), "answers differ between splits"
     res["memory"] = rss_growth_per_row(roots[a.parts[0]])
+    print(f"memory: {json.dumps(res['memory'])}", flush=True)
 
     import ray
     from ray import serve
@@ -277,8 +278,17 @@ def main() -> int:
     from sscq_dist.config import load_config
     from sscq_dist.serving.app import start_local
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+    for attempt in range(3):  # a busy machine can miss Ray's node start-up deadline; try again
+        try:
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+            break
+        except Exception as exc:
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({str(exc).splitlines()[0][:120]}); retrying", flush=True)
+            ray.shutdown()
+            time.sleep(10)
     port = free_port()
     configs = [(pp, n) for pp in a.partitions for n in a.parts]
     if a.smoke:  # two deployments cover 1 and 2 partitions and both splits
