@@ -43,7 +43,10 @@ def run_until_interrupted(index_root: str, cfg: Config, model_uri: Optional[str]
     print(f"open {url} in a browser; API: POST {url}search (multipart 'image' or JSON 'embedding'), "
           f"GET {url}healthz, {url}version, {url}thumb/<id>", flush=True)
     print("Ctrl-C stops the service", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop cleanly (a shell that starts us in the background ignores
+    # SIGINT, and Python then installs no KeyboardInterrupt handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
