@@ -213,6 +213,47 @@ class IndexConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The search service (sscq_dist/serving). Fields marked (run time) are the Serve
+    user_config: `serve deploy` of a changed value reconfigures replicas without a restart."""
+
+    # Partitions of the snapshot (each one deployment), balanced by bytes; replicas of each give QPS.
+    partitions: int = 1
+    replicas_per_partition: int = 1
+    ingress_replicas: int = 1
+    # Ray CPUs reserved per replica (fractions allowed: a partition mostly waits on memory).
+    partition_cpus: float = 1.0
+    ingress_cpus: float = 1.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Local folder for part files, id maps and the memory-mapped lookup files.
+    cache_dir: str = ".cache/index"
+    # (run time) Seconds between reads of CURRENT; a new snapshot serves within this plus its load time.
+    watch_interval_s: float = 10.0
+    # (run time) A replaced snapshot stays loaded this long after its last query (pinned requests finish).
+    retain_previous_s: float = 30.0
+    # (run time) k when the request gives none, and the largest k accepted.
+    default_k: int = 10
+    max_k: int = 100
+    # (run time) IVF lists scanned per query; null = the nprobe stored in the index.
+    nprobe: Optional[int] = None
+    # (run time) How long the ingress waits for a partition, and how often it retries one that failed.
+    partition_timeout_s: float = 10.0
+    partition_retries: int = 1
+    # (run time) Upload limit for a query image (bytes); decoded pixels are limited by data.max_image_pixels.
+    max_upload_bytes: int = 20_000_000
+    # (run time) Longest side of a /thumb image in pixels (never upscaled).
+    thumb_size: int = 128
+    # Serve health checks: how fast a dead replica is noticed and replaced.
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
+    # Torch threads of an ingress replica (query encoding) and FAISS (OpenMP) threads of a
+    # partition replica: one query is small, so replicas, not threads, use the cores.
+    torch_threads: int = 1
+    search_threads: int = 1
+
+
+@dataclass
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -223,6 +264,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -336,7 +378,24 @@ def validate(cfg: Config) -> Config:
     _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
     _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
     _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    validate_serve(cfg.serve)
     return cfg
+
+
+def validate_serve(sv: ServeConfig) -> ServeConfig:
+    """Range checks of the serve section (also run on every run-time reconfigure)."""
+    for name in ("partitions", "replicas_per_partition", "ingress_replicas", "default_k", "max_k", "thumb_size",
+                 "max_upload_bytes", "torch_threads", "search_threads"):
+        _check(getattr(sv, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(sv, name)}")
+    _check(sv.default_k <= sv.max_k, "serve.default_k", f"must be <= serve.max_k={sv.max_k}, got {sv.default_k}")
+    for name in ("partition_cpus", "ingress_cpus", "watch_interval_s", "partition_timeout_s", "health_check_period_s",
+                 "health_check_timeout_s"):
+        _check(getattr(sv, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(sv, name)}")
+    _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
+    _check(sv.partition_retries >= 0, "serve.partition_retries", f"must be >= 0, got {sv.partition_retries}")
+    _check(sv.nprobe is None or sv.nprobe >= 1, "serve.nprobe", f"must be >= 1 or null, got {sv.nprobe}")
+    _check(1 <= sv.port <= 65535, "serve.port", f"must be a TCP port, got {sv.port}")
+    return sv
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -1,4 +1,4 @@
-"""The main job on embedded defaults: ingest -> train -> evaluate -> promote -> reindex -> search.
+"""The main job on embedded defaults: ingest -> train -> evaluate -> promote -> reindex -> search -> serve.
 
 Everything local (a data folder, a SQLite MLflow store, a local Ray); prints one summary.
 """
@@ -25,6 +25,45 @@ def _step(name: str) -> float:
     return time.perf_counter()
 
 
+def _serve_once(index_root: str, cfg: Config, q, label_of: dict) -> list[str]:
+    """Start the search service (Ray Serve, 2 partitions), send one HTTP query, stop it.
+    Returns the summary lines: its top results and the command that keeps a service running."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from sscq_dist.serving import service
+
+    _step("7/7 serve (Ray Serve: HTTP ingress + 2 index partitions; one query over HTTP)")
+    sv = dataclasses.replace(cfg.serve, partitions=2, partition_cpus=0.5, ingress_cpus=0.5)
+    port = _free_port()
+    url = service.start(index_root, dataclasses.replace(cfg, serve=sv), port=port)
+    try:
+        png = io.BytesIO()
+        img = q.images[0]  # (C, H, W) uint8: the held-out query, sent as a PNG upload
+        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(png, format="PNG")
+        status, body = service.post_image(url, png.getvalue(), 5)
+    finally:
+        service.stop()
+    if status != 200:
+        return [f"  search service         answered HTTP {status}: {body.get('error')}"]
+    lines = [f"  search service         POST {url}search -> snapshot {body['version']} in {body['took_ms']} ms:"]
+    for r, hit in enumerate(body["results"], 1):
+        lines.append(f"    {r}. id {hit['id']:5d}  label {(hit['label'] or [None])[0]}  dist {hit['distance']:.3f}  {hit['uri']}")
+    lines.append(f"  keep a service running  python jobs/serve.py --index-root {index_root} --partitions 2 "
+                 "(then open http://127.0.0.1:8000/)")
+    return lines
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     from sscq_dist.evaluate_job import run_evaluation
     from sscq_dist.indexing.job import run_reindex
@@ -35,32 +74,32 @@ def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     from sscq_dist.train.driver import init_ray, run_training
 
     t_all = time.perf_counter()
-    _step("1/6 ingest (scikit-learn digits -> sharded Parquet)")
+    _step("1/7 ingest (scikit-learn digits -> sharded Parquet)")
     if list_files(resolve(cfg.data.train_uri, cfg.storage), ".parquet"):
         print(f"ingest: {cfg.data.train_uri} already present, reusing it")
     else:
         for s in ingest("digits", paths.data, rows_per_shard=500, storage=cfg.storage, progress=False):
             print(s.line())
 
-    _step(f"2/6 train (Ray Train + DeepSpeed ZeRO {cfg.train.zero_stage}, {cfg.train.num_workers} workers)")
+    _step(f"2/7 train (Ray Train + DeepSpeed ZeRO {cfg.train.zero_stage}, {cfg.train.num_workers} workers)")
     init_ray(cfg)
     tr = run_training(cfg)
     print(f"train: registered {tr.model_name} v{tr.version} in {tr.seconds:.0f}s "
           f"({tr.metrics.get('images_per_s', 0):.0f} img/s last epoch)")
 
-    _step("3/6 evaluate (held-out queries vs the training images, with pixel baselines)")
+    _step("3/7 evaluate (held-out queries vs the training images, with pixel baselines)")
     ev = run_evaluation(f"models:/{tr.model_name}/{tr.version}", cfg, out_dir=cfg.tracking.output_dir)
     print(ev.table)
 
-    _step("4/6 promote (gate: beat the current champion)")
+    _step("4/7 promote (gate: beat the current champion)")
     decision = promote(tr.model_name, tr.version, cfg)
     print(decision.line())
 
-    _step("5/6 reindex (Ray Data actor pool -> FAISS 4-bit fast-scan shards)")
+    _step("5/7 reindex (Ray Data actor pool -> FAISS 4-bit fast-scan shards)")
     summary, metrics = run_reindex(cfg.data.train_uri, paths.index_root, f"models:/{tr.model_name}@champion", cfg)
     print(summary.line())
 
-    _step("6/6 search (a held-out query image over all shards)")
+    _step("6/7 search in process (a held-out query image over all parts)")
     svc = QueryService.open(paths.index_root, cfg, cache_dir=os.path.join(".cache", "index"))
     from sscq_dist.encoding import load_images
 
@@ -85,6 +124,8 @@ def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     ]
     for r, (i, d, u) in enumerate(zip(res.ids[0], res.distances[0], res.uris[0]), 1):
         lines.append(f"    {r}. id {int(i):5d}  label {label_of.get(int(i))}  dist {float(d):.3f}  {u}")
+    served = _serve_once(paths.index_root, cfg, q, label_of)
+    lines += served
     lines.append(f"  total {time.perf_counter() - t_all:.0f}s; MLflow store: {os.environ.get('MLFLOW_TRACKING_URI') or cfg.tracking.tracking_uri or 'sqlite:///mlruns.db'}")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)

@@ -1,4 +1,8 @@
-"""Answer image queries over the served index: image file in, ids/uris/distances out."""
+"""Answer image queries in process: image file in, ids/uris/distances out.
+
+A Searcher (the snapshot's parts merged into one partition, as each partition of the search
+service holds them) plus the model that built the snapshot, to encode the query images.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from sscq_dist.config import Config
 from sscq_dist.data.decode import decode_image
 from sscq_dist.errors import SSCQError
+from sscq_dist.indexing.formats import check_codebooks
 from sscq_dist.registry import load_model
 from sscq_dist.search import Searcher, SearchResult
 
@@ -28,10 +33,7 @@ class QueryService:
              nprobe: Optional[int] = None) -> "QueryService":
         searcher = Searcher.open(index_root_uri, cfg.storage, cache_dir=cache_dir, nprobe=nprobe)
         loaded = load_model(searcher.snapshot.model_uri, cfg.tracking)
-        # Refuse a model whose codebooks differ from those the index was built with.
-        from sscq_dist.indexing.formats import check_codebooks
-
-        check_codebooks(searcher.snapshot, loaded.codebooks)
+        check_codebooks(searcher.snapshot, loaded.codebooks)  # the encoder must be the model that built the index
         return cls(searcher, loaded.model, loaded.cfg)
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:

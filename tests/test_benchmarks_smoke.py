@@ -105,3 +105,22 @@ def test_gpu_check_script_is_valid_bash():
     if shutil.which("shellcheck"):
         proc = subprocess.run(["shellcheck", script], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+def test_serve_bench_smoke(tmp_path):
+    """The search service benchmark end to end (real Ray Serve over HTTP): the served answers
+    equal the in-process Searcher's for 1 and 2 partitions and for 10 and 100 parts, and a
+    partition holds exactly codes + ids + a 4-byte id order per row."""
+    out = tmp_path / "serve"
+    stdout = run_script("serve_bench.py", ["--smoke", "--out", out], tmp_path)
+    assert "| HTTP service | 1 | 10 |" in stdout and "| HTTP service | 2 | 100 |" in stdout
+    res = json.loads((out / "serve_bench.json").read_text())
+    assert set(res["http"]) == {"p1/n10", "p2/n100"}
+    for key, s in res["http"].items():
+        assert s["identical_to_in_process"] == 1.0, key
+        assert s["p50_ms"] <= s["p99_ms"] and s["qps_concurrent"] > 0
+        # A replica holds its 20,000 rows at 4 B code + 8 B id + 4 B id order (+ block padding).
+        assert s["partition0_replica"]["accounted_per_row"] == pytest.approx(16, abs=0.5), key
+    assert res["per_part_loop"]["100"]["top1_agreement"] >= 0.99
+    mem = res["memory"]
+    assert mem["codes_plus_ids_per_row"] == 12 and mem["accounted_per_row"] == pytest.approx(16, abs=0.5)

@@ -8,6 +8,7 @@ and configs that load, env names the code reads, credentials only by reference).
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 from pathlib import Path
@@ -426,3 +427,59 @@ def test_mlflow_deployment_postgres_store_and_s3_artifacts():
     tracking = one("ConfigMap")["data"]["MLFLOW_TRACKING_URI"]
     assert tracking == f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
     assert svc["metadata"]["name"] in args[args.index("--allowed-hosts") + 1].split(",")
+
+
+# --- the search service (Ray Serve) ----------------------------------------------------------
+
+
+def serve_apps() -> dict[str, dict]:
+    """The Serve application of configs/serve.yaml and of the RayService's serveConfigV2."""
+    local = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    k8s = yaml.safe_load(one("RayService")["spec"]["serveConfigV2"])
+    return {"configs/serve.yaml": local, "infra/kuberay/rayservice-search.yaml": k8s}
+
+
+def test_serve_configs_pass_serves_schema_and_build_our_app():
+    """Both Serve configs validate against Serve's own schema, name our application builder,
+    carry args that load as our config, one user_config of run-time keys per deployment that
+    exists (SearchIngress, Partition0..N-1), and the builder binds the app from those args."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from sscq_dist.config import load_config
+    from sscq_dist.serving.app import INGRESS_NAME, RUNTIME_FIELDS, apply_runtime, build_app, partition_name
+
+    for where, conf in serve_apps().items():
+        ServeDeploySchema(**conf)
+        (app,) = conf["applications"]
+        assert app["import_path"] == "sscq_dist.serving.app:build_app", where
+        args = dict(app["args"])
+        # The image holds the repo at /home/ray/sscq-dist (infra/Dockerfile): map that to this checkout.
+        args["config"] = str(REPO / args["config"].removeprefix("/home/ray/sscq-dist/"))
+        assert os.path.exists(args["config"]), (where, args["config"])
+        cfg = load_config(args["config"], args["overrides"])
+        names = [d["name"] for d in app["deployments"]]
+        assert sorted(names) == sorted([INGRESS_NAME] + [partition_name(i) for i in range(cfg.serve.partitions)]), where
+        for d in app["deployments"]:
+            assert set(d["user_config"]) == set(RUNTIME_FIELDS), (where, d["name"])
+            apply_runtime(cfg.serve, d["user_config"])  # valid values, or a ConfigError naming the key
+        assert build_app(args) is not None
+    k8s = serve_apps()["infra/kuberay/rayservice-search.yaml"]["applications"][0]
+    assert k8s["args"]["index_root"].startswith("s3://"), "the cluster serves the index the CronJob publishes"
+    assert k8s["args"]["config"].startswith("/home/ray/sscq-dist/configs/")
+
+
+def test_rayservice_runs_our_image_with_token_auth_and_the_serve_port():
+    import ray
+
+    svc = one("RayService")["spec"]
+    rc = svc["rayClusterConfig"]
+    assert rc["rayVersion"] == ray.__version__
+    assert {c["image"] for c in containers(one("RayService"))} == {dockerfile_built_images()["default"]}
+    groups = [rc["headGroupSpec"]] + rc["workerGroupSpecs"]
+    for envs in [c.get("env", []) for g in groups for c in containers(g)] + [rc["autoscalerOptions"]["env"]]:
+        by_name = {e["name"]: e for e in envs}
+        assert by_name["RAY_AUTH_MODE"]["value"] == "token"
+        assert by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "sscq-ray-auth"
+    (head,) = containers(rc["headGroupSpec"])
+    port = yaml.safe_load(svc["serveConfigV2"])["http_options"]["port"]
+    assert port in {p["containerPort"] for p in head["ports"]}

@@ -73,6 +73,12 @@ def write_root(root_uri, kind, c, x, ids, uris, n_shards=3, version="5", generat
     return root
 
 
+def read_parts_of(root, snap):
+    """The FAISS index of every part a snapshot lists, read as stored."""
+    vloc = version_loc(root, snap.model_version)
+    return [fi.deserialize(storage.read_bytes(vloc.join(p.index_file))) for p in snap.parts]
+
+
 def write_legacy_root(root_uri, c, x, ids, uris, version="5", complete=True):
     """The pre-snapshot layout: models/<v>/manifest.json, shard-NNNNN.index, idmap-NNNNN.parquet (id, uri),
     CURRENT holding the bare version."""
@@ -154,7 +160,8 @@ def test_searcher_local_root(tmp_path, kind):
     x, ids, uris = dataset(c, 3000)
     write_root(str(tmp_path / "index"), kind, c, x, ids, uris)
     s = Searcher.open(str(tmp_path / "index"), nprobe=32)
-    assert s.ntotal == 3000 and len(s.parts) == 3 and s.version == "5/00000001"
+    # The three parts are merged into one in-memory index (one partition).
+    assert s.ntotal == 3000 and len(s.snapshot.parts) == 3 and len(s.parts) == 1 and s.version == "5/00000001"
     res = s.search(x[:40], 5)
     assert res.ids.shape == (40, 5) and res.distances.shape == (40, 5)
     assert (res.ids[:, 0] == ids[:40]).mean() > 0.9  # a stored vector finds itself

@@ -1,0 +1,539 @@
+"""The search service as a Ray Serve application (SPEC section 7).
+
+    HTTP -> SearchIngress (FastAPI via @serve.ingress): decode + encode the query with the
+            snapshot's model, pin ONE snapshot name for the request, fan out through
+            DeploymentHandles, merge the partitions' top-k, add labels from the source shards
+         -> Partition0 .. Partition{P-1} (one deployment each, `replicas_per_partition`
+            replicas): a share of the parts merged into one in-memory index (partition.py)
+
+Both kinds of replica watch CURRENT (holder.py / the ingress watcher). The ingress moves its
+pin to a new snapshot only after every partition answered `prepare` for it and the query
+encoder's codebook checksum matched it; a replica that does not hold the pinned name yet
+answers 'not ready', and the ingress then answers from the previous pin, so no answer mixes
+snapshots and no request fails during a swap. A partition that fails (a replica died) makes
+the request a 503 with the reason: an answer never silently omits a partition.
+
+`build_app(args)` is the Serve application builder (`serve run` / `serve deploy`, see
+configs/serve.yaml); `start_local` is what jobs/serve.py, the demo and the tests call.
+"""
+
+# No `from __future__ import annotations`: Serve ships the ingress class by value, and FastAPI
+# must see real annotations (a string 'Request' would not resolve in the replica).
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from sscq_dist import storage
+from sscq_dist.config import Config, ServeConfig, load_config, validate_serve
+from sscq_dist.errors import SSCQError
+from sscq_dist.indexing.formats import Snapshot, check_codebooks, read_current, read_snapshot
+from sscq_dist.search import merge_topk
+from sscq_dist.serving.api import BadRequest, decode_query_image, parse_json_query, parse_k
+from sscq_dist.serving.holder import NotReady, SnapshotHolder
+from sscq_dist.serving.rows import ShardRowReader, thumbnail_png
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "sscq-search"
+INGRESS_NAME = "SearchIngress"
+# ServeConfig fields that are the deployments' user_config (changed at run time by reconfigure).
+RUNTIME_FIELDS = ("watch_interval_s", "retain_previous_s", "default_k", "max_k", "nprobe", "partition_timeout_s",
+                  "partition_retries", "max_upload_bytes", "thumb_size")
+
+
+def partition_name(number: int) -> str:
+    return f"Partition{number}"
+
+
+def runtime_settings(sv: ServeConfig) -> dict:
+    return {f: getattr(sv, f) for f in RUNTIME_FIELDS}
+
+
+def apply_runtime(sv: ServeConfig, user_config: Optional[dict]) -> ServeConfig:
+    """The serve settings with a user_config applied; unknown keys or bad values are one error line."""
+    unknown = set(user_config or {}) - set(RUNTIME_FIELDS)
+    if unknown:
+        raise SSCQError(f"serve user_config: unknown key(s) {sorted(unknown)} (run-time keys: {', '.join(RUNTIME_FIELDS)})")
+    return validate_serve(dataclasses.replace(sv, **(user_config or {})))
+
+
+def _reason(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Helpers the deployments call are defined before them: @serve.ingress captures the class
+# (and what its methods can see) when the class statement runs.
+async def _args(*values):
+    return values
+
+
+async def _awaitable(response):
+    return await response
+
+
+def _embed(model, image: np.ndarray) -> np.ndarray:
+    from sscq_dist.encoding import embed_images
+
+    return np.ascontiguousarray(embed_images(model, np.array(image[None])), np.float32)
+
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+@serve.deployment
+class PartitionServer:
+    """One partition of whatever snapshot a request names (see holder.py)."""
+
+    async def __init__(self, number: int, of: int, index_root: str, cfg: Config):
+        import faiss
+
+        self.sv = cfg.serve
+        faiss.omp_set_num_threads(self.sv.search_threads)
+        self.holder = SnapshotHolder(storage.resolve(index_root, cfg.storage), number, of, self.sv.cache_dir,
+                                     self.sv.nprobe, self.sv.retain_previous_s)
+        await asyncio.to_thread(self.holder.load_current)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.sv = apply_runtime(self.sv, user_config)
+        self.holder.retain_previous_s = self.sv.retain_previous_s
+        if self.sv.nprobe is not None and self.sv.nprobe != self.holder.nprobe:
+            from sscq_dist.indexing.faiss_index import set_nprobe
+
+            self.holder.nprobe = self.sv.nprobe
+            for part in list(self.holder._held.values()):
+                if part.index is not None:
+                    set_nprobe(part.index, self.sv.nprobe)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.sv.watch_interval_s)
+            try:
+                await asyncio.to_thread(self.holder.load_current)
+            except Exception as exc:  # keep serving what is held; the error shows in status()
+                self.holder.last_error = _reason(exc)
+                log.error("partition %d/%d: watcher: %s", self.holder.number + 1, self.holder.of, self.holder.last_error)
+
+    def _load_in_background(self, name: str) -> None:
+        threading.Thread(target=self._load_quietly, args=(name,), daemon=True).start()
+
+    def _load_quietly(self, name: str) -> None:
+        try:
+            self.holder.load(name)
+        except Exception:
+            pass  # recorded by the holder; the next request for it reports the reason
+
+    # Sync methods run in Serve's thread pool; FAISS releases the GIL while it scans.
+    def search(self, name: str, queries: np.ndarray, k: int) -> dict:
+        try:
+            part = self.holder.get(name, self._load_in_background)
+        except NotReady as exc:
+            return {"ok": False, "reason": str(exc)}
+        hits = part.search(queries, k)
+        infos = part.row_info(hits.positions)
+        return {"ok": True, "distances": hits.distances, "ids": hits.ids,
+                "info": [(i.uri, i.shard, i.row) for i in infos]}
+
+    def locate(self, name: str, ids: list[int]) -> dict:
+        try:
+            part = self.holder.get(name, self._load_in_background)
+        except NotReady as exc:
+            return {"ok": False, "reason": str(exc)}
+        pos = part.positions_of(np.asarray(ids, np.int64))
+        return {"ok": True, "info": [(i.uri, i.shard, i.row) if p >= 0 else None
+                                     for p, i in zip(pos.tolist(), part.row_info(pos))]}
+
+    def sample(self, name: str, n: int) -> dict:
+        try:
+            part = self.holder.get(name, self._load_in_background)
+        except NotReady as exc:
+            return {"ok": False, "reason": str(exc)}
+        if part.ntotal == 0:
+            return {"ok": True, "ids": []}
+        pos = np.unique(np.linspace(0, part.ntotal - 1, num=min(n, part.ntotal)).astype(np.int64))
+        return {"ok": True, "ids": part.ids[pos].tolist()}
+
+    def prepare(self, name: str) -> dict:
+        """Load `name` beside what serves (the ingress calls this before it moves its pin)."""
+        try:
+            part = self.holder.load(name)
+        except Exception as exc:
+            return {"ok": False, "reason": _reason(exc)}
+        return {"ok": True, "rows": part.ntotal}
+
+    def status(self) -> dict:
+        s = self.holder.status()
+        return {"partition": self.holder.number, "current": s.current, "held": s.held, "loading": s.loading,
+                "rows": s.rows, "last_error": s.last_error}
+
+    def memory(self, name: str) -> dict:
+        """Bytes held for `name` by structure, and this process's resident set (benchmarks)."""
+        import psutil
+
+        part = self.holder.get(name, self._load_in_background)
+        return {**part.resident_bytes(), "rss": psutil.Process().memory_info().rss, "pid": os.getpid()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# --------------------------------------------------------------------------- ingress
+
+web = FastAPI(title="sscq-dist image search", docs_url=None, redoc_url=None)
+
+
+@dataclass
+class Pinned:
+    """What a request is answered with: one snapshot and the model that encodes its queries."""
+
+    snapshot: Snapshot
+    model: Any  # SSCQModel (eval mode)
+    model_uri: str
+    codebook_checksum: str
+    image_size: int
+    channels: int
+    dim: int
+
+    @property
+    def name(self) -> str:
+        return self.snapshot.name
+
+
+class PartitionFailed(Exception):
+    pass
+
+
+def _json_error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def _web_file(name: str) -> str:
+    return resources.files("sscq_dist.serving").joinpath("web", name).read_text()
+
+
+@serve.deployment
+@serve.ingress(web)
+class SearchIngress:
+    async def __init__(self, partitions: list[DeploymentHandle], index_root: str, cfg: Config,
+                       model_uri: Optional[str] = None):
+        import torch
+
+        self.cfg = cfg
+        self.sv = cfg.serve
+        torch.set_num_threads(self.sv.torch_threads)
+        self.partitions = partitions
+        self.root = storage.resolve(index_root, cfg.storage)
+        self.model_override = model_uri
+        self.rows = ShardRowReader(cfg.storage)
+        self.last_error: Optional[str] = None
+        self._refused: Optional[str] = None  # a CURRENT this replica refused (its reason is last_error)
+        name = await asyncio.to_thread(read_current, self.root)
+        if name is None:
+            raise SSCQError(f"index root {self.root.uri} has no CURRENT; run a reindex first")
+        self.pinned: Pinned = await asyncio.to_thread(self._pin, name, None)
+        self.previous: Optional[Pinned] = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        log.info("search ingress: serving %s (%d rows)", name, self.pinned.snapshot.total_rows)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.sv = apply_runtime(self.sv, user_config)
+
+    # ---------------------------------------------------------------- snapshots and models
+
+    def _pin(self, name: str, current: Optional[Pinned]) -> Pinned:
+        """Read snapshot `name` and the model for it; refuse a model whose codebooks differ."""
+        from sscq_dist.registry import load_model
+
+        snap = read_snapshot(self.root, name)
+        uri = self.model_override or snap.model_uri
+        if current is not None and current.model_uri == uri and current.codebook_checksum == snap.codebook_checksum \
+                and not self.model_override:
+            model, image_size, channels, dim = current.model, current.image_size, current.channels, current.dim
+        else:
+            loaded = load_model(uri, self.cfg.tracking)
+            check_codebooks(snap, loaded.codebooks)  # the query encoder must be the model that built the index
+            model, dim = loaded.model, loaded.cfg.model.embedding_dim
+            image_size, channels = loaded.cfg.data.image_size, loaded.cfg.data.channels
+        return Pinned(snap, model, uri, snap.codebook_checksum, image_size, channels, dim)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.sv.watch_interval_s)
+            try:
+                await self._follow_current()
+            except Exception as exc:  # keep serving the pinned snapshot; /healthz shows the error
+                self.last_error = _reason(exc)
+                log.error("search ingress: watcher: %s", self.last_error)
+
+    async def _follow_current(self) -> None:
+        name = await asyncio.to_thread(read_current, self.root)
+        if name is None or name == self.pinned.name or name == self._refused:
+            return
+        try:
+            new = await asyncio.to_thread(self._pin, name, self.pinned)
+        except Exception as exc:
+            self._refused, self.last_error = name, f"not serving {name}: {_reason(exc)}"
+            log.error("search ingress: %s; still serving %s", self.last_error, self.pinned.name)
+            return
+        answers = await asyncio.gather(*[_awaitable(h.prepare.remote(name)) for h in self.partitions],
+                                       return_exceptions=True)
+        bad = [(i, a) for i, a in enumerate(answers) if isinstance(a, BaseException) or not a.get("ok")]
+        if bad:
+            i, a = bad[0]
+            why = _reason(a) if isinstance(a, BaseException) else a["reason"]
+            self.last_error = f"not serving {name} yet: partition {i + 1} cannot load it ({why})"
+            log.error("search ingress: %s", self.last_error)
+            return  # tried again next interval
+        self.previous, self.pinned = self.pinned, new  # one assignment: the next request is pinned to `new`
+        self.last_error = None
+        log.info("search ingress: now serving %s (previous %s)", name, self.previous.name)
+
+    # ---------------------------------------------------------------- fan-out
+
+    async def _call_all(self, method: str, *args) -> list[dict]:
+        """Every partition's answer to `method(*args)`; NotReady answers are returned, failures raise."""
+        reasons = []
+        for attempt in range(self.sv.partition_retries + 1):
+            waits = [asyncio.wait_for(_awaitable(getattr(h, method).remote(*args)), self.sv.partition_timeout_s)
+                     for h in self.partitions]
+            answers = await asyncio.gather(*waits, return_exceptions=True)
+            failed = [(i, a) for i, a in enumerate(answers) if isinstance(a, BaseException)]
+            if not failed:
+                return answers
+            i, exc = failed[0]
+            why = (f"did not answer within {self.sv.partition_timeout_s:g}s" if isinstance(exc, asyncio.TimeoutError)
+                   else _reason(exc))
+            reasons.append(f"partition {i + 1}/{len(self.partitions)} unavailable ({why})")
+            await asyncio.sleep(0.2 * (attempt + 1))
+        raise PartitionFailed(reasons[-1])
+
+    async def _pinned_call(self, method: str, args_for) -> tuple[Pinned, list[dict]]:
+        """Call every partition with the pinned snapshot; if one does not hold it yet, with the
+        previous pin. Returns the pin that every partition answered for."""
+        pins = [self.pinned] + ([self.previous] if self.previous is not None else [])
+        not_ready = ""
+        for pin in pins:
+            answers = await self._call_all(method, pin.name, *(await args_for(pin)))
+            missing = [a["reason"] for a in answers if not a.get("ok")]
+            if not missing:
+                return pin, answers
+            not_ready = missing[0]
+        raise PartitionFailed(not_ready)
+
+    # ---------------------------------------------------------------- routes
+
+    @web.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(_web_file("index.html"))
+
+    @web.get("/app.js")
+    async def script(self) -> Response:
+        return Response(_web_file("app.js"), media_type="application/javascript")
+
+    @web.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            answers = await self._call_all("status")
+        except PartitionFailed as exc:
+            return JSONResponse({"status": "unavailable", "version": self.pinned.name, "reason": str(exc)}, 503)
+        lagging = [a["partition"] + 1 for a in answers if self.pinned.name not in a["held"]]
+        body = {"status": "ok" if not lagging else "degraded", "version": self.pinned.name,
+                "previous": self.previous.name if self.previous else None, "last_error": self.last_error,
+                "partitions": answers}
+        if lagging:
+            body["reason"] = f"partition(s) {lagging} do not hold {self.pinned.name}"
+        return JSONResponse(body, 200 if not lagging else 503)
+
+    @web.get("/version")
+    async def version(self) -> dict:
+        snap = self.pinned.snapshot
+        return {"version": snap.name, "model_version": snap.model_version, "generation": snap.generation,
+                "model_uri": storage.redact_uri(self.pinned.model_uri), "rows": snap.total_rows,
+                "parts": len(snap.parts), "partitions": len(self.partitions), "index_type": snap.index_type,
+                "dim": self.pinned.dim, "default_k": self.sv.default_k, "max_k": self.sv.max_k}
+
+    @web.get("/samples")
+    async def samples(self, n: int = 6) -> JSONResponse:
+        n = max(1, min(int(n), 24))
+        try:
+            pin, answers = await self._pinned_call("sample", lambda pin: _args(n))
+        except PartitionFailed as exc:
+            return _json_error(503, str(exc))
+        ids = [i for group in zip(*[a["ids"] for a in answers if a["ids"]]) for i in group]
+        return JSONResponse({"version": pin.name, "ids": ids[:n]})
+
+    @web.get("/thumb/{image_id}")
+    async def thumb(self, image_id: str) -> Response:
+        try:
+            iid = int(image_id)
+        except ValueError:
+            return _json_error(422, f"id must be an integer, got {image_id[:40]!r}")
+        try:
+            pin, answers = await self._pinned_call("locate", lambda pin: _args([iid]))
+        except PartitionFailed as exc:
+            return _json_error(503, str(exc))
+        found = next((a["info"][0] for a in answers if a["info"][0] is not None), None)
+        if found is None:
+            return _json_error(404, f"id {iid} is not in snapshot {pin.name}")
+        _, shard, row = found
+        if shard is None or row is None:
+            return _json_error(404, f"id {iid}: its id map has no source shard and row (indexed before id maps "
+                                    "recorded them; reindex to get thumbnails)")
+        try:
+            data = await asyncio.to_thread(self.rows.value, shard, int(row), "image")
+            png = await asyncio.to_thread(thumbnail_png, data, self.sv.thumb_size, self.cfg.data.max_image_pixels)
+        except SSCQError as exc:
+            return _json_error(404 if isinstance(exc, storage.NotFound) else 500, f"id {iid}: {exc}")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600",
+                                                               "X-Snapshot": pin.name})
+
+    @web.post("/search")
+    async def search(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            length = int(request.headers.get("content-length") or 0)
+            if length > self.sv.max_upload_bytes + 65536:
+                raise BadRequest(413, f"request body is {length} bytes, above the limit of {self.sv.max_upload_bytes}")
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith("multipart/form-data"):
+                k = parse_k(request.query_params.get("k"), self.sv.default_k, self.sv.max_k)
+                image = await self._read_upload(request)
+                arr_for = lambda pin: decode_query_image(image, pin.image_size, pin.channels,  # noqa: E731
+                                                         self.cfg.data.max_image_pixels, self.sv.max_upload_bytes)
+                embed = True
+            elif ctype.startswith("application/json") or not ctype:
+                body = await request.body()
+                arr_for = lambda pin: parse_json_query(body, pin.dim, self.sv.default_k,  # noqa: E731
+                                                       self.sv.max_k, request.query_params.get("k"))
+                embed = False
+                k = arr_for(self.pinned)[1]
+            else:
+                raise BadRequest(415, f"content type {ctype.split(';')[0]!r}: send multipart/form-data with an "
+                                      "'image' field, or JSON {\"embedding\": [...]}")
+
+            async def args_for(pin: Pinned):
+                if embed:  # decoding a large upload and the forward pass both stay off the event loop
+                    arr = await asyncio.to_thread(arr_for, pin)
+                    q = await asyncio.to_thread(_embed, pin.model, arr)
+                else:
+                    q = arr_for(pin)[0]
+                return q, k
+
+            pin, answers = await self._pinned_call("search", args_for)
+        except BadRequest as exc:
+            return _json_error(exc.status, exc.reason)
+        except PartitionFailed as exc:
+            return _json_error(503, str(exc))
+        results = await asyncio.to_thread(self._merge, answers, k)
+        return JSONResponse({"version": pin.name, "k": k, "results": results,
+                             "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
+
+    async def _read_upload(self, request: Request) -> bytes:
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=self.sv.max_upload_bytes)
+        except Exception as exc:
+            raise BadRequest(400, f"multipart body does not parse ({_reason(exc)})") from None
+        field = form.get("image")
+        if field is None or isinstance(field, str):
+            raise BadRequest(400, "multipart body has no file field 'image'")
+        data = await field.read(self.sv.max_upload_bytes + 1)
+        if len(data) > self.sv.max_upload_bytes:
+            raise BadRequest(413, f"image is larger than the limit of {self.sv.max_upload_bytes} bytes")
+        return data
+
+    def _merge(self, answers: list[dict], k: int) -> list[dict]:
+        """Merged top-k of the partitions, with uri and label of each result."""
+        d, ids = merge_topk([a["distances"] for a in answers], [a["ids"] for a in answers], k)
+        info = {}
+        for a in answers:
+            for i, inf in zip(a["ids"].ravel().tolist(), a["info"]):
+                if i >= 0:
+                    info[i] = inf
+        out = []
+        for dist, i in zip(d[0].tolist(), ids[0].tolist()):
+            if i < 0:
+                continue
+            uri, shard, row = info[i]
+            out.append({"id": i, "distance": dist, "uri": uri, "label": self._label(shard, row)})
+        return out
+
+    def _label(self, shard: Optional[str], row: Optional[int]):
+        if shard is None or row is None:
+            return None
+        try:
+            return self.rows.value(shard, int(row), "label")
+        except Exception as exc:  # a moved or deleted source shard costs the label, not the answer
+            log.warning("label of %s row %s: %s", storage.redact_uri(shard), row, _reason(exc))
+            return None
+
+
+# --------------------------------------------------------------------------- building and running
+
+
+def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = None):
+    """The bound application: P partition deployments and the ingress that fans out to them."""
+    sv = cfg.serve
+    storage.validate_uri(index_root)
+    if not storage.resolve(index_root, cfg.storage).is_s3:
+        index_root = os.path.abspath(index_root)  # replicas need not share the caller's working directory
+    if sv.cache_dir and "://" not in sv.cache_dir:
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(sv, cache_dir=os.path.abspath(sv.cache_dir)))
+        sv = cfg.serve
+    health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s}
+    runtime = runtime_settings(sv)
+    parts = [PartitionServer.options(name=partition_name(i), num_replicas=sv.replicas_per_partition,
+                                     ray_actor_options={"num_cpus": sv.partition_cpus}, user_config=runtime,
+                                     max_ongoing_requests=32, **health).bind(i, sv.partitions, index_root, cfg)
+             for i in range(sv.partitions)]
+    return SearchIngress.options(name=INGRESS_NAME, num_replicas=sv.ingress_replicas,
+                                 ray_actor_options={"num_cpus": sv.ingress_cpus}, user_config=runtime,
+                                 max_ongoing_requests=100, **health).bind(parts, index_root, cfg, model_uri)
+
+
+def build_app(args: dict):
+    """Serve application builder: `serve run sscq_dist.serving.app:build_app index_root=...`, or
+    `import_path` in a Serve config file. args: index_root (required), config (YAML path,
+    default configs/digits.yaml), model (optional model URI), overrides (list of key=value)."""
+    args = dict(args or {})
+    if not args.get("index_root"):
+        raise SSCQError("build_app: 'index_root' is required (the index root URI to serve)")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    cfg = load_config(_local_path(args.get("config") or "configs/digits.yaml"), list(overrides))
+    return build_application(_local_path(args["index_root"]), cfg, args.get("model") or None)
+
+
+def _local_path(path: str) -> str:
+    """A relative local path as given when it exists in the working directory, else relative to
+    the checkout that holds sscq_dist (Serve may build the app in a process started elsewhere)."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(checkout, path)
+
+
+def start_local(index_root: str, cfg: Config, model_uri: Optional[str] = None, host: Optional[str] = None,
+                port: Optional[int] = None, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy the service on the connected Ray (Serve's HTTP proxy on host:port); returns its URL.
+
+    Returns once every replica is up (each loaded its partition of CURRENT)."""
+    host = host or cfg.serve.host
+    port = int(port or cfg.serve.port)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_application(index_root, cfg, model_uri), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}/"

@@ -1,0 +1,152 @@
+"""Which snapshots a partition replica holds, and the hot swap between them (SPEC section 7).
+
+A replica loads the snapshot CURRENT names at start. A watcher re-reads CURRENT every
+`watch_interval_s`; a new name is loaded BESIDE the one serving (its own Partition object),
+then becomes current in one assignment. Requests name the snapshot they were pinned to by
+the ingress, so an answer never mixes two snapshots; a replaced snapshot stays loaded until
+`retain_previous_s` after its last request (requests in flight keep their Partition object
+alive anyway: Python frees it only when the last reference goes). A name a request asks for
+that is not held (a restarted replica, a slower watcher) is loaded on demand, and the
+request gets a 'not ready' answer meanwhile, never a partial one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from sscq_dist.errors import SSCQError
+from sscq_dist.indexing.formats import Snapshot, read_current, read_snapshot
+from sscq_dist.serving.partition import Partition, load_partition
+from sscq_dist.serving.planner import plan_partitions
+from sscq_dist.storage import Location
+
+log = logging.getLogger(__name__)
+
+# A replica holds at most this many snapshots (current, previous, one loading): bounded memory.
+MAX_HELD = 3
+# A snapshot whose load failed is tried again on demand after this long.
+RETRY_FAILED_S = 10.0
+
+
+class NotReady(Exception):
+    """This replica does not hold the requested snapshot (yet); the message says why."""
+
+
+@dataclass
+class HolderStatus:
+    current: Optional[str]
+    held: list[str]
+    loading: list[str]
+    last_error: Optional[str]
+    rows: dict = field(default_factory=dict)
+
+
+class SnapshotHolder:
+    """Loads partition `number` of `of` for the snapshots a replica must serve."""
+
+    def __init__(self, root: Location, number: int, of: int, cache_dir: Optional[str], nprobe: Optional[int],
+                 retain_previous_s: float,
+                 loader: Callable[[Location, Snapshot, list, int, int, Optional[str], Optional[int]], Partition] = None):
+        self.root = root
+        self.number, self.of = number, of
+        self.cache_dir = cache_dir
+        self.nprobe = nprobe
+        self.retain_previous_s = retain_previous_s
+        self._load = loader or (lambda root, snap, parts, i, n, cache, nprobe:
+                                load_partition(root, snap, parts, i, n, cache, nprobe))
+        self._lock = threading.Lock()
+        self._held: dict[str, Partition] = {}
+        self._last_used: dict[str, float] = {}
+        self._loading: set[str] = set()
+        self._failed: dict[str, tuple[str, float]] = {}  # name -> (reason, when) of its last failed load
+        self.current: Optional[str] = None
+        self.last_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, name: str) -> Partition:
+        """Load `name` (if not held) in this thread; returns the held Partition."""
+        with self._lock:
+            if name in self._held:
+                return self._held[name]
+            if len(self._held) + len(self._loading) >= MAX_HELD:
+                raise NotReady(f"partition {self.number + 1}/{self.of} already holds {len(self._held)} snapshots "
+                               f"and loads {len(self._loading)}; not loading {name}")
+            self._loading.add(name)
+        try:
+            snap = read_snapshot(self.root, name)
+            parts = plan_partitions(snap.parts, self.of)[self.number]
+            part = self._load(self.root, snap, parts, self.number, self.of, self.cache_dir, self.nprobe)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+            with self._lock:
+                self._loading.discard(name)
+                self._failed[name] = (reason, time.monotonic())
+                self.last_error = f"loading {name}: {reason}"
+            log.error("partition %d/%d: cannot load snapshot %s: %s", self.number + 1, self.of, name, reason)
+            raise
+        with self._lock:
+            self._loading.discard(name)
+            self._failed.pop(name, None)
+            self._held[name] = part
+            self._last_used[name] = time.monotonic()
+        return part
+
+    def load_current(self) -> Optional[str]:
+        """Read CURRENT; load what it names beside what serves, then make it current."""
+        name = read_current(self.root)
+        if name is None:
+            raise SSCQError(f"index root {self.root.uri} has no CURRENT; run a reindex first")
+        if name != self.current:
+            self.load(name)
+            with self._lock:
+                previous, self.current = self.current, name
+                self._last_used[name] = time.monotonic()
+                if previous is not None:
+                    self._last_used[previous] = time.monotonic()  # its grace period starts now
+                self.last_error = None
+            log.info("partition %d/%d: now serving %s (previous %s)", self.number + 1, self.of, name, previous)
+        self.evict()
+        return name
+
+    def evict(self) -> list[str]:
+        """Drop snapshots other than the current one unused for retain_previous_s."""
+        now = time.monotonic()
+        dropped = []
+        with self._lock:
+            for name in list(self._held):
+                if name != self.current and now - self._last_used.get(name, 0.0) > self.retain_previous_s:
+                    del self._held[name]  # freed when the last in-flight request lets go of it
+                    self._last_used.pop(name, None)
+                    dropped.append(name)
+        for name in dropped:
+            log.info("partition %d/%d: released snapshot %s", self.number + 1, self.of, name)
+        return dropped
+
+    # ------------------------------------------------------------------ serving
+
+    def get(self, name: str, load_async: Callable[[str], None]) -> Partition:
+        """The held Partition of `name`, or NotReady (and a background load is started)."""
+        with self._lock:
+            part = self._held.get(name)
+            if part is not None:
+                self._last_used[name] = time.monotonic()
+                return part
+            loading = name in self._loading
+            failed = self._failed.get(name)
+        where = f"partition {self.number + 1}/{self.of}"
+        if loading:
+            raise NotReady(f"{where} is still loading snapshot {name}")
+        if failed and time.monotonic() - failed[1] < RETRY_FAILED_S:
+            raise NotReady(f"{where} cannot load snapshot {name}: {failed[0]}")
+        load_async(name)
+        raise NotReady(f"{where} does not hold snapshot {name} yet; loading it")
+
+    def status(self) -> HolderStatus:
+        with self._lock:
+            return HolderStatus(self.current, sorted(self._held), sorted(self._loading), self.last_error,
+                                {n: p.ntotal for n, p in self._held.items()})
