@@ -200,6 +200,8 @@ class IndexConfig:
     use_gpu: bool = False
     # index_metrics.json: recall of the served index against exhaustive ADC over the same codes.
     metrics_queries: int = 1000
+    # Above this many vectors, index_metrics.json is measured on a uniform sample of parts
+    # holding at most this many (bounds the reindex driver's memory whatever the collection).
     metrics_max_rows: int = 2_000_000
     encode_batch_size: int = 512
     # Encoding actors; 0 = auto: one per GPU with use_gpu, else one per CPU less one for reads.

@@ -260,6 +260,22 @@ def test_checksum_mismatch_and_lock_refusal(tmp_path, random_model, images, ray_
         reindex(images, root, random_model, cfg, progress=False)
 
 
+def test_index_metrics_measure_a_sample_of_parts_above_the_row_cap(tmp_path, random_model, images, ray_local):
+    """The reindex driver's quality check loads at most index.metrics_max_rows vectors."""
+    from sscq_dist.indexing.metrics import index_metrics
+
+    cfg = small_cfg(tmp_path, "index.metrics_max_rows=450")
+    reindex(images, str(tmp_path / "index"), random_model, cfg, progress=False)
+    loaded = load_model(random_model)
+    queries = np.random.default_rng(1).standard_normal((50, loaded.model.cfg.embedding_dim)).astype(np.float32)
+    m = index_metrics(str(tmp_path / "index"), cfg, loaded.model, queries)
+    assert m["rows"] == 1797 and m["parts"] == 18
+    assert 300 <= m["measured_rows"] <= 450 and m["measured_parts"] < 18  # 100-row parts: 3 or 4 of them
+    assert m["recall@10"] >= 0.95
+    full = index_metrics(str(tmp_path / "index"), small_cfg(tmp_path), loaded.model, queries)
+    assert full["measured_rows"] == 1797 and full["measured_parts"] == 18
+
+
 # --------------------------------------------------------------------------- ids
 
 

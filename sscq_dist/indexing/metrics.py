@@ -16,40 +16,52 @@ from sscq_dist.storage import atomic_write_bytes, resolve
 KS = (1, 10, 100)
 
 
+def sample_parts(parts: list, max_rows: int, seed: int = 0) -> list:
+    """A seeded uniform sample of parts holding at most max_rows vectors (all of them when they fit)."""
+    if sum(p.indexed for p in parts) <= max_rows:
+        return list(parts)
+    chosen, rows = [], 0
+    for i in np.random.default_rng(seed).permutation(len(parts)):
+        if rows + parts[i].indexed > max_rows and chosen:
+            continue
+        chosen.append(parts[i])
+        rows += parts[i].indexed
+    return chosen
+
+
 def index_metrics(index_root_uri: str, cfg: Config, model, queries: np.ndarray,
                   cache_dir: Optional[str] = None) -> dict:
     """Recall@1/10/100 and QPS of the served index vs exhaustive IndexPQ over the same codes.
 
     queries: (Q, D) float32 embeddings of held-out images (never database rows). The
-    reference reads back the codes stored in every shard (index_codes), so the comparison
+    reference reads back the codes stored in the parts (index_codes), so the comparison
     isolates what the served index structure (fast-scan rounding, IVF probing) loses.
+    Above index.metrics_max_rows vectors the driver loads only a uniform random sample of
+    parts holding at most that many (the measured loss is a property of the structure, not
+    of which parts), so its memory does not grow with the collection.
     """
-    from sscq_dist.search import Searcher
+    from sscq_dist.indexing.formats import open_current
+    from sscq_dist.serving.partition import load_partition
 
-    searcher = Searcher.open(index_root_uri, cfg.storage, cache_dir=cache_dir)
-    m = searcher.snapshot
+    root = resolve(index_root_uri, cfg.storage)
+    m = open_current(root)
     out = {"model_version": m.model_version, "snapshot": m.name, "index_type": m.index_type,
            "index_params": m.index_params, "rows": m.total_rows, "parts": len(m.parts),
            "index_bytes": int(m.index_bytes), "idmap_bytes": int(m.ids_bytes), "num_queries": int(len(queries))}
     out["bytes_per_image"] = out["index_bytes"] / max(1, m.total_rows)
     if len(queries) == 0 or m.total_rows == 0:
         return out
-    k = min(max(KS), m.total_rows)
-    t0 = time.perf_counter()
-    served = searcher.search(queries, k)
-    out["qps_served"] = len(queries) / max(1e-9, time.perf_counter() - t0)
-    if m.total_rows > cfg.index.metrics_max_rows:
-        out["reference"] = f"skipped: {m.total_rows} rows > index.metrics_max_rows"
-        return out
-    ids_all, codes_all = [], []
-    for part in searcher.parts:
-        ids, codes = fi.index_codes(part)
-        ids_all.append(ids)
-        codes_all.append(codes)
-    codebooks = model.quantizer.codebooks.detach().cpu().float().numpy()
-    all_ids, all_codes = np.concatenate(ids_all), np.concatenate(codes_all)
-    ref_index = fi.exhaustive_adc(codebooks, all_codes, all_ids)
+    parts = sample_parts(m.parts, cfg.index.metrics_max_rows, cfg.train.seed)
+    part = load_partition(root, m, parts, cache_dir=cache_dir)
+    out["measured_rows"], out["measured_parts"] = part.ntotal, len(parts)
+    k = min(max(KS), part.ntotal)
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    t0 = time.perf_counter()
+    served = part.search(q, k)
+    out["qps_served"] = len(queries) / max(1e-9, time.perf_counter() - t0)
+    all_ids, all_codes = fi.index_codes(part.index)
+    codebooks = model.quantizer.codebooks.detach().cpu().float().numpy()
+    ref_index = fi.exhaustive_adc(codebooks, all_codes, all_ids)
     t0 = time.perf_counter()
     ref_d, ref_ids = ref_index.search(q, k)
     out["qps_exhaustive_adc"] = len(queries) / max(1e-9, time.perf_counter() - t0)
