@@ -47,12 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-commit", default=BASELINE_COMMIT)
     p.add_argument("--rows", type=int, default=20, help="rows per source shard")
     p.add_argument("--append", type=int, default=10, help="shards appended to the largest version")
+    p.add_argument("--snapshot-parts", type=int, default=100_000,
+                   help="also time writing and reading one snapshot listing this many parts (the 1B-image size)")
     p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
-        a.shards, a.baseline_shards, a.rows, a.append = [8, 24], [8], 10, 2
+        a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [8], 10, 2, 1000
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -154,6 +156,35 @@ def run_baseline(commit: str, images: str, root: str, model: str, cfg_path: str,
         shutil.rmtree(pkg, ignore_errors=True)
 
 
+def snapshot_cost(n_parts: int, root: str) -> dict:
+    """Seconds to write and read back (parse + type-check) one snapshot of n_parts parts."""
+    from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, part_files, part_name,
+                                            read_snapshot, write_snapshot)
+    from sscq_dist.storage import resolve
+
+    parts = []
+    for i in range(n_parts):
+        src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
+        name = part_name(src.uri, src.etag)
+        index_file, ids_file, _ = part_files(name)
+        parts.append(PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
+                               id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=130_000,
+                               ids_file=ids_file, ids_bytes=250_000))
+    snap = Snapshot(generation=1, model_uri="models:/sscq/7", model_version="7", codebook_checksum="sha256:" + "0" * 64,
+                    bits=32, M=8, K=16, index_type="ivf_pq_fastscan", index_params={"nlist": 65536, "nprobe": 160},
+                    coarse_checksum="0" * 64, created_at="2026-11-30T00:00:00+00:00", previous=None, writer="bench",
+                    fence=1, parts=parts)
+    loc = resolve(root)
+    t0 = time.perf_counter()
+    write_snapshot(loc, snap)
+    t1 = time.perf_counter()
+    back = read_snapshot(loc, snap.name)
+    t2 = time.perf_counter()
+    assert len(back.parts) == n_parts
+    size = os.path.getsize(os.path.join(root, "models", "7", "snapshots", "00000001.json"))
+    return {"parts": n_parts, "bytes": size, "write_s": t1 - t0, "read_s": t2 - t1}
+
+
 def markdown(res: dict) -> str:
     rows = res["rows_per_shard"]
     lines = [f"Reindex scale ({rows} rows per shard, 8x8 images, random int64 ids, {res['cores']} cores, "
@@ -176,6 +207,10 @@ def markdown(res: dict) -> str:
         st = ", ".join(f"{k} {v:.2f}" for k, v in ap["stages"].items() if k != "build_first_part")
         lines += ["", f"Append {ap['encoded_shards']} shards to the {ap['base_shards']}-shard version: "
                       f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}."]
+    if res.get("snapshot"):
+        sn = res["snapshot"]
+        lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB, written in "
+                      f"{sn['write_s']:.2f} s, read and type-checked in {sn['read_s']:.2f} s."]
     lines += ["", "Stages of each full build (s): " + "; ".join(
         f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
                                           if k != "build_first_part") for r in res["new"])]
@@ -225,6 +260,8 @@ def main(argv=None) -> int:
             ap = run_new(images, root, model, cfg)
             res["append"] = {"base_shards": S, **ap}
             print(json.dumps(res["append"]), flush=True)
+    if a.snapshot_parts:
+        res["snapshot"] = snapshot_cost(a.snapshot_parts, os.path.join(a.out, "snapshot-only"))
     res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["wall_s"] = time.perf_counter() - t_start
     bs.write_json(a.json, res)

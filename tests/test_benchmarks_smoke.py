@@ -124,3 +124,19 @@ def test_serve_bench_smoke(tmp_path):
     assert res["per_part_loop"]["100"]["top1_agreement"] >= 0.99
     mem = res["memory"]
     assert mem["codes_plus_ids_per_row"] == 12 and mem["accounted_per_row"] == pytest.approx(16, abs=0.5)
+
+
+def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path):
+    out = tmp_path / "scale"
+    stdout = run_script("index_scale.py", ["--smoke", "--out", out], tmp_path)
+    assert "| snapshots (this) | 24 |" in stdout and "| manifest.json (" in stdout
+    res = json.loads((out / "index_scale.json").read_text())
+    per_shard = [r["bytes"]["metadata"] / r["shards"] for r in res["new"]]
+    assert max(per_shard) < 1.2 * min(per_shard), per_shard  # metadata written per shard does not grow with S
+    new_bpi = res["new"][0]["build"]["driver_bytes"] / res["new"][0]["build"]["rows"]
+    old_bpi = res["baseline"][0]["build"]["driver_bytes"] / res["baseline"][0]["build"]["rows"]
+    assert new_bpi * 4 < old_bpi, (new_bpi, old_bpi)  # part records, not embeddings
+    assert all(r["nothing"]["nothing_to_do"] and r["nothing"]["encoded_shards"] == 0 for r in res["new"])
+    ap = res["append"]
+    assert ap["encoded_shards"] == 2 and ap["rows"] == res["new"][-1]["build"]["rows"] + 2 * res["rows_per_shard"]
+    assert res["snapshot"]["parts"] == 1000 and res["snapshot"]["read_s"] < 30
