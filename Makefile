@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --config configs/digits.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=30
 
 clean:
 	rm -rf data runs mlruns.db index outputs .cache

@@ -1,6 +1,6 @@
 """In-process encoding of an image-shard set with a model (evaluation and gate sets).
 
-The Ray batch encoder for whole collections lives in `sscq_dist.indexing.encode_job`;
+The Ray batch encoder for whole collections lives in `sscq_dist.indexing.build`;
 this one serves sets that fit one process (held-out queries, a gate database), shard by
 shard so memory stays bounded by a shard plus the outputs.
 """

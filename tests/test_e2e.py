@@ -88,15 +88,14 @@ def test_end_to_end_through_real_servers(stack, tmp_path, monkeypatch):
     from sscq_dist.config import load_config
     from sscq_dist.encoding import encode_set
     from sscq_dist.evaluation import labels_to_matrix, rank_pq, retrieval_metrics
-    from sscq_dist.indexing.manifest import read_current, read_manifest
+    from sscq_dist.indexing.formats import open_current
     from sscq_dist.query import QueryService
     from sscq_dist.storage import resolve
 
     cfg = load_config(str(REPO / "configs" / "digits.yaml"), common)
     root = resolve(index_root)
-    assert read_current(root) == version
-    manifest = read_manifest(root, version)
-    assert manifest.complete and manifest.total_rows == 1500
+    manifest = open_current(root)
+    assert manifest.model_version == version and manifest.total_rows == 1500
 
     svc = QueryService.open(index_root, cfg, cache_dir=str(tmp_path / "cache"))
     q = encode_set(svc.model, f"{data}/test", cfg)

@@ -84,11 +84,12 @@ def test_no_credentials_anywhere(s3_bucket, tmp_path, ray_local):
     objects = _s3_objects(s3_bucket)
     leaked = [k for k, v in objects.items() if _leaks(v)]
     assert not leaked, leaked
-    (man,) = [k for k in objects if k.endswith("/manifest.json")]
+    (snap_key,) = [k for k in objects if "/snapshots/" in k and k.endswith(".json")]
     (met,) = [k for k in objects if k.endswith("/index_metrics.json")]
-    manifest, metrics = json.loads(objects[man]), json.loads(objects[met])
-    assert manifest["complete"] and manifest["model_uri"] == "models:/sscq/1" and metrics["rows"] == 297
-    assert objects["index/CURRENT"].decode().strip() == manifest["model_version"]
+    snap, metrics = json.loads(objects[snap_key]), json.loads(objects[met])
+    assert snap["model_uri"] == "models:/sscq/1" and metrics["rows"] == 297
+    assert sum(p["indexed"] for p in snap["parts"]) == 297
+    assert objects["index/CURRENT"].decode().strip() == f"{snap['model_version']}/{snap['generation']:08d}"
 
 
 def _python_files(*dirs: str) -> list[Path]:

@@ -189,7 +189,8 @@ def test_drop_ceiling_stops_training_and_registers_nothing(tmp_path, ray_local, 
     assert "part-00000.parquet" in msg and "part-00001.parquet" not in msg  # the bad file, not the clean one
     if path == "cached":  # counted exactly on the driver: 120 of the 150 rows in part-00000 are truncated
         assert msg.startswith("120 of 300 training images (40.0%)")
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    # registry_uri explicitly: an earlier test's mlflow.set_registry_uri is process-global.
+    client = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
     assert client.search_model_versions("name='sscq'") == []
 
 
