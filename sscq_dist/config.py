@@ -29,9 +29,17 @@ class StorageConfig:
     # S3-compatible endpoint (MinIO, a dev server); None = AWS_ENDPOINT_URL or AWS itself.
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
-    # Bounded retries with exponential backoff for object-store calls.
+    # One retry policy owns every attempt of an object-store call: botocore and s3fs make a
+    # single HTTP try each, and we retry up to max_attempts with exponential backoff.
     max_attempts: int = 4
     retry_backoff_s: float = 0.5
+    # Per HTTP try: seconds to connect, and to wait for the next bytes of an answer.
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    # One call with all its tries ends within this many seconds, even on an endpoint that
+    # accepts connections and never answers: no retry starts that could outlast it, and
+    # the timeouts above are cut to it.
+    deadline_s: float = 60.0
 
 
 @dataclass
@@ -355,7 +363,11 @@ def validate(cfg: Config) -> Config:
     _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
     _check(ix.source_shards_per_index_shard >= 1, "index.source_shards_per_index_shard", "must be >= 1")
-    _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    st = cfg.storage
+    _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {st.max_attempts}")
+    _check(st.retry_backoff_s >= 0, "storage.retry_backoff_s", f"must be >= 0, got {st.retry_backoff_s}")
+    for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+        _check(getattr(st, name) > 0, f"storage.{name}", f"must be > 0, got {getattr(st, name)}")
     return cfg
 
 

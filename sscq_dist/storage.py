@@ -8,6 +8,7 @@ read, stored or logged by this module.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -79,24 +80,56 @@ def endpoint_url(cfg: Optional[StorageConfig] = None) -> Optional[str]:
 
 
 def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
-    """An s3fs filesystem for the configured endpoint (credentials from the AWS chain)."""
+    """An s3fs filesystem for the configured endpoint (credentials from the AWS chain).
+
+    Every request is one HTTP try with the configured timeouts: botocore's and s3fs's own
+    retry loops are switched off, so `with_retries` alone decides how often and how long
+    (nested, they once turned one hung call into 429 s).
+    """
     import s3fs
 
+    cfg = cfg or StorageConfig()
+    connect_s, read_s = try_timeouts(cfg)
     client_kwargs = {}
     url = endpoint_url(cfg)
     if url:
         client_kwargs["endpoint_url"] = url
-    region = (cfg.region if cfg else None) or os.environ.get("AWS_DEFAULT_REGION")
+    region = cfg.region or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client_kwargs["region_name"] = region
-    attempts = cfg.max_attempts if cfg else 4
-    return s3fs.S3FileSystem(
+    fs = _bounded_s3fs_class()(
         client_kwargs=client_kwargs,
-        config_kwargs={"retries": {"max_attempts": attempts, "mode": "standard"},
-                       "connect_timeout": 5, "read_timeout": 30},
+        config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
+                       "connect_timeout": connect_s, "read_timeout": read_s},
         use_listings_cache=False,
         skip_instance_cache=True,
     )
+    fs.retries = 1  # s3fs's own retry loop (default 5 tries) around every call and ranged read
+    return fs
+
+
+@functools.lru_cache(maxsize=None)
+def _bounded_s3fs_class():
+    """s3fs.S3FileSystem whose requests never send `Expect: 100-continue`.
+
+    botocore adds that header to every PUT with a body, and aiohttp then waits for the
+    server's "100 Continue" with no timeout at all, so one upload to a hung endpoint would
+    never end. Without it the read timeout bounds uploads too. (SigV4 never signs `Expect`.)
+    """
+    import s3fs
+
+    def drop_expect(request, **_):
+        request.headers.pop("Expect", None)
+
+    class BoundedS3FileSystem(s3fs.S3FileSystem):
+        async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 - s3fs's signature
+            client = await super().set_session(refresh, kwargs)
+            if getattr(self, "_hooked_client", None) is not client:
+                client.meta.events.register("before-send.s3", drop_expect)
+                self._hooked_client = client
+            return client
+
+    return BoundedS3FileSystem
 
 
 class _FSSpecHandler(pafs.FSSpecHandler):
@@ -131,24 +164,39 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
                  transient: Optional[tuple] = None) -> T:
     """Call fn with bounded retries and exponential backoff on connection errors.
 
-    Errors that are not transient (missing file, permission) are raised at once.
+    The one retry policy for storage: up to `storage.max_attempts` tries, each one HTTP try
+    bounded by the connect/read timeouts, and no retry is started that could not end
+    within `storage.deadline_s` of the first try, so even an endpoint that accepts
+    connections and never answers ends in one StorageError within the deadline. Errors
+    that are not transient (missing file, permission) are raised at once.
     transient: the exception types to retry (default: OSError and connection errors).
     """
-    attempts = cfg.max_attempts if cfg else 4
-    backoff = cfg.retry_backoff_s if cfg else 0.5
+    cfg = cfg or StorageConfig()
+    attempts, backoff = cfg.max_attempts, cfg.retry_backoff_s
     transient = transient or _transient_errors()
+    deadline = time.monotonic() + cfg.deadline_s
+    connect_s, read_s = try_timeouts(cfg)
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except transient as exc:
+            cause = f"{type(exc).__name__}: {_first_line(exc)}"
             if attempt == attempts:
-                raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({type(exc).__name__}: {_first_line(exc)})") from None
+                raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({cause})") from None
             delay = backoff * 2 ** (attempt - 1)
+            if time.monotonic() + delay + connect_s + read_s > deadline:
+                raise StorageError(f"{what}: storage unreachable after {attempt} attempt(s) within "
+                                   f"storage.deadline_s={cfg.deadline_s:g}s ({cause})") from None
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, type(exc).__name__, attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def try_timeouts(cfg: StorageConfig) -> tuple[float, float]:
+    """(connect, read) seconds of one HTTP try: the configured ones, but never past the deadline."""
+    return min(cfg.connect_timeout_s, cfg.deadline_s), min(cfg.read_timeout_s, cfg.deadline_s)
 
 
 def _transient_errors() -> tuple:

@@ -155,3 +155,40 @@ class MlflowServer:
         if self.proc is not None:
             kill_group(self.proc)
             self.proc = None
+
+
+class HungEndpoint:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers.
+
+    What a client sees from an endpoint whose process is stuck (or a black-holing proxy):
+    the connection succeeds, no byte ever comes back. `connections` counts the accepted
+    connections, i.e. the HTTP tries a client made.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.held: list = []
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.held.append(conn)  # keep it open: never read, never answer
+            self.connections += 1
+
+    def close(self) -> None:
+        for c in self.held:
+            c.close()
+        self.sock.close()

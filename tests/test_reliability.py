@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_cfg
-from fault_helpers import (DIGITS_YAML, MlflowServer, assert_one_error_line, free_port, job_cmd, job_env,
-                           kill_group, random_model_dir, run_job, start_job, wait_for)
+from fault_helpers import (DIGITS_YAML, HungEndpoint, MlflowServer, assert_one_error_line, free_port, job_cmd,
+                           job_env, kill_group, random_model_dir, run_job, start_job, wait_for)
 from sscq_dist.errors import StorageError
 
 # Small retry budget so an outage is detected in well under a second of backoff.
@@ -136,6 +136,29 @@ def test_s3_outage_mid_ingest(s3_endpoint, tmp_path):
     for key in s3_endpoint.keys("digits/train/part-"):
         ids += pq.read_table(io.BytesIO(s3_endpoint.get(key))).column("id").to_pylist()
     assert len(ids) == 1500 and len(set(ids)) == 1500
+
+
+# Seconds a job process needs to start and import before its first storage call (slow CI).
+JOB_START_SLACK_S = 25
+
+
+def test_hung_s3_endpoint_fails_within_the_deadline(s3_server, tmp_path):
+    """An endpoint that accepts connections and never answers: `jobs/ingest.py` exits 2 with
+    one error line naming the URI once storage.deadline_s has passed, although a single
+    try's read timeout is longer (nested retries once made this 429 s)."""
+    ep = HungEndpoint()
+    try:
+        cfg_file = tmp_path / "storage.yaml"
+        cfg_file.write_text(f"storage:\n  endpoint_url: {ep.url}\n  deadline_s: 4\n  read_timeout_s: 120\n")
+        t0 = time.monotonic()
+        out = run_job("ingest.py", "--source", "digits", "--splits", "test", "--dest", "s3://bucket/digits",
+                      "--config", str(cfg_file), "--no-progress", env=job_env(AWS_ENDPOINT_URL=ep.url), timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        ep.close()
+    assert_one_error_line(out, "s3://bucket/digits", "unreachable", "storage.deadline_s=4s")
+    assert ep.connections >= 1  # it was reached, and hung
+    assert 4 <= took < 4 + JOB_START_SLACK_S, took
 
 
 def test_s3_outage_mid_reindex(s3_endpoint, tmp_path, ray_local, caplog):
