@@ -182,7 +182,7 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except transient as exc:
-            cause = f"{type(exc).__name__}: {_first_line(exc)}"
+            cause = f"{type(exc).__name__}: {first_line(exc)}"
             if attempt == attempts:
                 raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({cause})") from None
             delay = backoff * 2 ** (attempt - 1)
@@ -215,7 +215,8 @@ def connection_errors() -> tuple:
     return tuple(errs)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error message, short enough for a one-line error."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
 
@@ -236,7 +237,10 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
         return loc.fs.get_file_info(sel)
 
-    infos = with_retries(_ls, f"list {loc.uri}", loc.storage)
+    try:
+        infos = with_retries(_ls, f"list {loc.uri}", loc.storage)
+    except PermissionError as exc:
+        raise StorageError(f"list {loc.uri}: permission denied ({first_line(exc)})") from None
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
 
@@ -250,6 +254,8 @@ def read_bytes(loc: Location) -> bytes:
         return with_retries(_read, f"read {loc.uri}", loc.storage)
     except FileNotFoundError:
         raise StorageError(f"not found: {loc.uri}") from None
+    except PermissionError as exc:
+        raise StorageError(f"read {loc.uri}: permission denied ({first_line(exc)})") from None
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
