@@ -127,6 +127,8 @@ def test_s3_outage_mid_ingest(s3_endpoint, tmp_path):
     s3_endpoint.start()
     shards = [k for k in s3_endpoint.keys("digits/train/") if k.rsplit("/", 1)[-1].startswith("part-")]
     assert 3 <= len(shards) < 30, (shards, line)
+    # The prefix stays marked unfinished, so no reader takes these shards for the dataset.
+    assert "digits/train/_writing.json" in s3_endpoint.keys("digits/train/")
     for key in shards:  # every visible shard is a whole Parquet file of 50 rows
         assert pq.read_table(io.BytesIO(s3_endpoint.get(key))).num_rows == 50
     again = run_job("ingest.py", *args, "--overwrite", env=job_env(AWS_ENDPOINT_URL=s3_endpoint.url))
@@ -136,6 +138,8 @@ def test_s3_outage_mid_ingest(s3_endpoint, tmp_path):
     for key in s3_endpoint.keys("digits/train/part-"):
         ids += pq.read_table(io.BytesIO(s3_endpoint.get(key))).column("id").to_pylist()
     assert len(ids) == 1500 and len(set(ids)) == 1500
+    assert json.loads(s3_endpoint.get("digits/train/_dataset.json"))["rows"] == 1500
+    assert "digits/train/_writing.json" not in s3_endpoint.keys("digits/train/")
 
 
 # Seconds a job process needs to start and import before its first storage call (slow CI).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
 from sscq_dist.errors import SchemaError, StorageError
 from sscq_dist.storage import Location, first_line, list_files, with_retries
 
@@ -16,7 +17,6 @@ IMAGE_SCHEMA = pa.schema([
 ])
 REQUIRED = {"id": "int64", "image": "binary"}
 OPTIONAL = {"uri": "string", "label": "list<int32>"}
-SHARD_PREFIX = "part-"
 
 
 def _type_ok(name: str, typ: pa.DataType) -> bool:
@@ -56,13 +56,16 @@ def shard_files(loc: Location, listing=None) -> list:
 
 
 def validate_shards(loc: Location) -> list[Location]:
-    """List and check every shard's footer schema (cheap: metadata only).
+    """Check a prefix is a whole image dataset and every shard's footer schema (metadata only).
 
-    A truncated or non-Parquet file, a missing or mistyped column, or an empty prefix is a
-    SchemaError; a shard that cannot be read is a StorageError naming why (not found,
-    permission denied, unreachable). Each names the file.
+    An unfinished ingest or a shard that differs from the dataset record is a DatasetError
+    (`check_dataset`); a truncated or non-Parquet file, a missing or mistyped column, or an
+    empty prefix is a SchemaError; a shard that cannot be read is a StorageError naming why
+    (not found, permission denied, unreachable). Each names the file.
     """
-    files = shard_files(loc)
+    listing = None if loc.path.endswith(".parquet") else list_files(loc)
+    check_dataset(loc, listing)
+    files = shard_files(loc, listing)
     if not files:
         raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
     for f in files:
