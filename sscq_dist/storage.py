@@ -8,7 +8,7 @@ read, stored or logged by this module.
 
 from __future__ import annotations
 
-import functools
+import contextvars
 import logging
 import os
 import time
@@ -86,7 +86,7 @@ def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
     retry loops are switched off, so `with_retries` alone decides how often and how long
     (nested, they once turned one hung call into 429 s).
     """
-    import s3fs
+    from sscq_dist.s3_filesystem import BoundedS3FileSystem
 
     cfg = cfg or StorageConfig()
     connect_s, read_s = try_timeouts(cfg)
@@ -97,53 +97,61 @@ def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
     region = cfg.region or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client_kwargs["region_name"] = region
-    fs = _bounded_s3fs_class()(
+    return BoundedS3FileSystem(
         client_kwargs=client_kwargs,
         config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
                        "connect_timeout": connect_s, "read_timeout": read_s},
         use_listings_cache=False,
         skip_instance_cache=True,
     )
-    fs.retries = 1  # s3fs's own retry loop (default 5 tries) around every call and ranged read
-    return fs
-
-
-@functools.lru_cache(maxsize=None)
-def _bounded_s3fs_class():
-    """s3fs.S3FileSystem whose requests never send `Expect: 100-continue`.
-
-    botocore adds that header to every PUT with a body, and aiohttp then waits for the
-    server's "100 Continue" with no timeout at all, so one upload to a hung endpoint would
-    never end. Without it the read timeout bounds uploads too. (SigV4 never signs `Expect`.)
-    """
-    import s3fs
-
-    def drop_expect(request, **_):
-        request.headers.pop("Expect", None)
-
-    class BoundedS3FileSystem(s3fs.S3FileSystem):
-        async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 - s3fs's signature
-            client = await super().set_session(refresh, kwargs)
-            if getattr(self, "_hooked_client", None) is not client:
-                client.meta.events.register("before-send.s3", drop_expect)
-                self._hooked_client = client
-            return client
-
-    return BoundedS3FileSystem
 
 
 class _FSSpecHandler(pafs.FSSpecHandler):
-    """pyarrow's fsspec bridge, except that opening a file lets connection errors through.
+    """pyarrow's fsspec bridge, with storage's retry policy on every file it opens.
 
     The stock handler first asks `isfile`, which answers False for any error, so an
-    unreachable endpoint would read as a missing file and never be retried.
+    unreachable endpoint would read as a missing file and never be retried; here opening
+    lets connection errors through. Opening and each read of the file are retried by
+    `with_retries`, so readers that use the filesystem directly (Ray Data tasks) get the
+    same bounded tries and deadline as our own calls, never nested inside them.
     """
 
+    def __init__(self, fs, storage: Optional[StorageConfig] = None):
+        super().__init__(fs)
+        self.storage = storage
+
     def open_input_stream(self, path):
-        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+        return self._open(path)
 
     def open_input_file(self, path):
-        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+        return self._open(path)
+
+    def _open(self, path):
+        what = f"read s3://{path}"
+        f = _retried(lambda: self.fs.open(path, mode="rb"), what, self.storage)
+        return pa.PythonFile(_RetriedReads(f, what, self.storage), mode="r")
+
+
+class _RetriedReads:
+    """A binary file whose reads go through `with_retries` (s3fs keeps the position when a
+    read fails, so a retry reads the same bytes)."""
+
+    def __init__(self, f, what: str, storage: Optional[StorageConfig]):
+        self._f, self._what, self._storage = f, what, storage
+
+    def read(self, n=-1):
+        return _retried(lambda: self._f.read(n), self._what, self._storage)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+# True while with_retries runs a call, so the reads inside it are not retried a second time.
+_IN_RETRIES: contextvars.ContextVar[bool] = contextvars.ContextVar("sscq_storage_in_retries", default=False)
+
+
+def _retried(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig]) -> T:
+    return fn() if _IN_RETRIES.get() else with_retries(fn, what, cfg)
 
 
 def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
@@ -152,7 +160,7 @@ def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
     p = urlparse(uri)
     scheme = p.scheme.lower() if len(p.scheme) > 1 else ""
     if scheme == "s3":
-        fs = pafs.PyFileSystem(_FSSpecHandler(s3fs_filesystem(cfg)))
+        fs = pafs.PyFileSystem(_FSSpecHandler(s3fs_filesystem(cfg), cfg))
         path = (p.netloc + p.path).rstrip("/")
         return Location(fs, path, f"s3://{path}", cfg)
     local = p.path if scheme == "file" else uri
@@ -178,7 +186,7 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
     connect_s, read_s = try_timeouts(cfg)
     for attempt in range(1, attempts + 1):
         try:
-            return fn()
+            return _one_try(fn)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except transient as exc:
@@ -192,6 +200,14 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, type(exc).__name__, attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _one_try(fn: Callable[[], T]) -> T:
+    token = _IN_RETRIES.set(True)
+    try:
+        return fn()
+    finally:
+        _IN_RETRIES.reset(token)
 
 
 def try_timeouts(cfg: StorageConfig) -> tuple[float, float]:
