@@ -253,12 +253,13 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
         return loc.fs.get_file_info(sel)
 
-    try:
-        infos = with_retries(_ls, f"list {loc.uri}", loc.storage)
-    except PermissionError as exc:
-        raise StorageError(f"list {loc.uri}: permission denied ({first_line(exc)})") from None
+    infos = with_causes(_ls, f"list {loc.uri}", loc.storage)
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
+
+
+class NotFound(StorageError):
+    """The object or file does not exist (an answer, never retried)."""
 
 
 def read_bytes(loc: Location) -> bytes:
@@ -266,12 +267,17 @@ def read_bytes(loc: Location) -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
+    return with_causes(_read, f"read {loc.uri}", loc.storage)
+
+
+def with_causes(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = None) -> T:
+    """with_retries(fn, what), where a missing or refused object is a StorageError saying so."""
     try:
-        return with_retries(_read, f"read {loc.uri}", loc.storage)
+        return with_retries(fn, what, cfg)
     except FileNotFoundError:
-        raise StorageError(f"not found: {loc.uri}") from None
+        raise NotFound(f"{what}: not found") from None
     except PermissionError as exc:
-        raise StorageError(f"read {loc.uri}: permission denied ({first_line(exc)})") from None
+        raise StorageError(f"{what}: permission denied ({first_line(exc)})") from None
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
 from sscq_dist.errors import SchemaError, StorageError
-from sscq_dist.storage import Location, first_line, list_files, with_retries
+from sscq_dist.storage import Location, first_line, list_files, with_causes
 
 IMAGE_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -79,11 +79,7 @@ def read_shard_schema(f: Location) -> pa.Schema:
         with f.fs.open_input_file(f.path) as fh:
             return pq.read_schema(fh)
     try:
-        return with_retries(_schema, f"read schema of {f.uri}", f.storage)
-    except FileNotFoundError:
-        raise StorageError(f"{f.uri}: not found") from None
-    except PermissionError as exc:
-        raise StorageError(f"{f.uri}: permission denied ({first_line(exc)})") from None
+        return with_causes(_schema, f"read schema of {f.uri}", f.storage)
     except (pa.ArrowInvalid, pa.ArrowException) as exc:  # the bytes came back but are not Parquet
         raise SchemaError(f"{f.uri}: not a readable Parquet file ({first_line(exc)})") from None
     except OSError as exc:
