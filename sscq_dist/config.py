@@ -172,6 +172,9 @@ class EvalConfig:
     # Promotion gate: mAP@gate_topk on data.queries_uri against the database.
     gate_topk: int = 100
     batch_size: int = 512
+    # Demo only: when data.queries_uri holds no shards, promotion builds the gate set from
+    # scikit-learn's bundled digits there. Off everywhere else: a missing gate set is an error.
+    gate_from_bundled_digits: bool = False
 
 
 @dataclass
