@@ -1,7 +1,7 @@
 """Helpers shared by the fault-injection tests (reliability, bad inputs, security).
 
 Real parts only: models are written as the plain-file model directory the registry reads,
-jobs run as real subprocesses, and services are real processes or real servers.
+jobs run as real subprocesses; Ray and `mlflow server` are real processes, S3 is moto's emulator.
 """
 
 from __future__ import annotations

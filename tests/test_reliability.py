@@ -37,7 +37,7 @@ FAST_RETRIES = ["storage.max_attempts=2", "storage.retry_backoff_s=0.05"]
 
 
 class S3Endpoint:
-    """moto's S3 server on a fixed port that a test can stop and start again.
+    """moto's S3 emulator (its standalone server) on a fixed port that a test can stop and start again.
 
     Stopping refuses connections at once (clients get connection errors); the buckets
     live in this process's moto backend, so a restart on the same port serves them again.
