@@ -89,6 +89,11 @@ def test_record_is_verified_without_reading_shards(tmp_path):
     size = first.stat().st_size
     first.write_bytes(b"\0" * size)
     assert check_dataset(loc).rows == 1500
+    # A caller that has listed the prefix already (reindex's plan) passes {name: size}: no LIST.
+    listed = {p.name: p.stat().st_size for p in train.iterdir()}
+    assert check_dataset(loc, listed).rows == 1500
+    with pytest.raises(DatasetError, match="part-00001.parquet is listed in the dataset record but missing"):
+        check_dataset(loc, {n: b for n, b in listed.items() if n != "part-00001.parquet"})
     first.write_bytes(b"\0" * (size - 1))
     with pytest.raises(DatasetError, match=f"part-00000.parquet holds {size - 1} bytes"):
         check_dataset(loc)

@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import pyarrow.fs as pafs
 
@@ -88,18 +88,19 @@ def new_record(source: str, shards: Sequence[ShardEntry]) -> DatasetRecord:
     return DatasetRecord(redact_uri(source), list(shards), _now())
 
 
-def check_dataset(loc: Location, listing: Optional[Sequence[pafs.FileInfo]] = None) -> Optional[DatasetRecord]:
+def check_dataset(loc: Location, files: Optional[Mapping[str, Optional[int]]] = None) -> Optional[DatasetRecord]:
     """Refuse an image-shard prefix an ingest left unfinished; verify its record when present.
 
     loc: the prefix (a Location naming one `.parquet` file is not a dataset: returns None).
-    listing: the files directly under the prefix if the caller already listed it (one
-    non-recursive LIST, as `storage.list_files` returns), so the check adds no LIST.
+    files: {base name: size in bytes} of every file directly under the prefix, when the
+    caller has listed it already (one non-recursive LIST; `listed_sizes` turns a
+    `storage.list_files` result into it), so the check adds no LIST of its own.
     Returns the record, or None for a prefix without one (warned about once per process).
     Raises DatasetError naming the prefix and the fix.
     """
     if loc.path.endswith(".parquet"):
         return None
-    files = {i.base_name: i for i in (listing if listing is not None else list_files(loc))}
+    files = dict(files) if files is not None else listed_sizes(list_files(loc))
     fix = f"rerun `jobs/ingest.py ... --dest {loc.uri} --overwrite` once no ingest is writing it"
     if MARKER in files:
         started = _marker_field(loc.join(MARKER), "started")
@@ -114,12 +115,12 @@ def check_dataset(loc: Location, listing: Optional[Sequence[pafs.FileInfo]] = No
         return None
     rec = DatasetRecord.from_json(read_bytes(loc.join(RECORD)), loc.join(RECORD).uri)
     for s in rec.shards:
-        got = files.get(s.name)
-        if got is None:
+        if s.name not in files:
             raise DatasetError(f"{loc.uri}/{s.name} is listed in the dataset record but missing "
                                f"({len(rec.shards)} shards recorded); {fix}")
-        if got.size is not None and int(got.size) != s.bytes:
-            raise DatasetError(f"{loc.uri}/{s.name} holds {got.size} bytes, the dataset record says {s.bytes} "
+        size = files[s.name]
+        if size is not None and int(size) != s.bytes:
+            raise DatasetError(f"{loc.uri}/{s.name} holds {size} bytes, the dataset record says {s.bytes} "
                                f"(changed after the ingest); {fix}")
     extra = sorted(set(shards) - {s.name for s in rec.shards})
     if extra and loc.uri not in _warned:
@@ -127,6 +128,11 @@ def check_dataset(loc: Location, listing: Optional[Sequence[pafs.FileInfo]] = No
         log.warning("%s: %d shard(s) not in its dataset record (first: %s), added after the ingest; using them too",
                     loc.uri, len(extra), extra[0])
     return rec
+
+
+def listed_sizes(infos: Iterable[pafs.FileInfo]) -> dict[str, Optional[int]]:
+    """{base name: size} of a listing, the form check_dataset takes."""
+    return {i.base_name: i.size for i in infos}
 
 
 def _marker_field(marker: Location, key: str) -> str:

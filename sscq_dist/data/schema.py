@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
+from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset, listed_sizes
 from sscq_dist.errors import SchemaError, StorageError
 from sscq_dist.storage import Location, first_line, list_files, with_causes
 
@@ -64,7 +64,7 @@ def validate_shards(loc: Location) -> list[Location]:
     (not found, permission denied, unreachable). Each names the file.
     """
     listing = None if loc.path.endswith(".parquet") else list_files(loc)
-    check_dataset(loc, listing)
+    check_dataset(loc, None if listing is None else listed_sizes(listing))
     files = shard_files(loc, listing)
     if not files:
         raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
