@@ -142,8 +142,9 @@ def test_s3_outage_mid_ingest(s3_endpoint, tmp_path):
     assert "digits/train/_writing.json" not in s3_endpoint.keys("digits/train/")
 
 
-# Seconds a job process needs to start and import before its first storage call (slow CI).
-JOB_START_SLACK_S = 25
+# Seconds a job process may need to start and import before its first storage call (a loaded CI
+# machine); before the deadline existed the same job ran for minutes.
+JOB_START_SLACK_S = 60
 
 
 def test_hung_s3_endpoint_fails_within_the_deadline(s3_server, tmp_path):
