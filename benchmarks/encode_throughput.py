@@ -1,10 +1,10 @@
 """Batch-encoding rate of the re-index job vs the bare model forward (SPEC section 7).
 
 Measured in one run on the same images, batch size and model:
-1. `reindex` end to end (Ray Data read + decode + forward in an actor pool, FAISS add,
-   index shard / id map / manifest writes): encoded rows / the job's wall time; Ray's
-   start-up is excluded (Ray is started before the clock);
-2. `encode_stream` alone (the Ray Data stage the job drives): rows / wall time;
+1. `reindex` end to end (plan; parts built on a Ray Data actor pool: read + decode +
+   forward + FAISS add + part / id map / record writes; id check; snapshot; CURRENT):
+   encoded rows / the job's wall time; Ray's start-up is excluded (Ray is started first);
+2. the build stage alone (parts built on the Ray Data actor pool): rows / wall time;
 3. the bare model forward in one process over the already decoded images (torch threads =
    all cores), and single-process PIL decode for reference.
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None,
                    help="encoding actors (index.encode_concurrency; default: cores, or GPUs with index.use_gpu)")
     p.add_argument("--batch-size", type=int, default=None, help="index.encode_batch_size (also the bare loop's)")
-    p.add_argument("--no-stream", action="store_true", help="skip the encode_stream-only pass")
+    p.add_argument("--no-stream", action="store_true", help="skip the build-stage-only pass")
     p.add_argument("--data-dir", default=None, help="shards (default data/<source>)")
     p.add_argument("--out", default=None, help="output dir (default outputs/bench-encode-throughput)")
     p.add_argument("--json", default=None, help="results JSON path (default <out>/encode_throughput.json)")
@@ -114,25 +114,27 @@ def model_for(a: argparse.Namespace, cfg: Config):
     return dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, index=cfg.index))
 
 
-def stream_rate(uri: str, loaded, cfg: Config) -> dict:
-    """rows / wall time of the Ray Data encoding stage alone (read + decode + forward)."""
-    from sscq_dist.data.schema import validate_shards
-    from sscq_dist.indexing.encode_job import encode_stream
+def build_rate(uri: str, loaded, cfg: Config, root: str) -> dict:
+    """rows / wall time of the build stage alone: parts built on the actor pool (read + decode +
+    forward + FAISS add + part writes), also after the first record (actor start-up excluded)."""
+    from sscq_dist.indexing import faiss_index as fi
+    from sscq_dist.indexing.build import BuildJob, build_parts
+    from sscq_dist.indexing.plan import list_source_shards
+    from sscq_dist.indexing.reindex import encode_config, model_version
     from sscq_dist.storage import resolve
 
-    files = validate_shards(resolve(uri, cfg.storage))
-    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-    rows = first_rows = 0
-    t0 = time.perf_counter()
-    t_first = None
-    for batch in encode_stream([f.path for f in files], files[0].fs, state, loaded.cfg):
-        rows += len(batch["id"])
-        if t_first is None:  # actors are up and the model is loaded from here on
-            t_first, first_rows = time.perf_counter(), rows
-    seconds = time.perf_counter() - t0
-    steady_s = time.perf_counter() - (t_first or t0)
-    return {"rows": rows, "seconds": seconds, "images_per_s": rows / seconds, "first_batch_s": (t_first or t0) - t0,
-            "steady_images_per_s": (rows - first_rows) / steady_s if rows > first_rows and steady_s > 0 else None}
+    enc = encode_config(cfg, loaded)
+    todo = list_source_shards(resolve(uri, cfg.storage))
+    job = BuildJob(root_uri=root, model_uri=loaded.uri, version=model_version(loaded),
+                   codebook_checksum=fi.codebook_checksum(loaded.codebooks), index_type="pq_fastscan",
+                   coarse_checksum="", cfg_dict=enc.to_dict())
+    r = build_parts(todo, job, enc, progress=False)
+    rows = r.built_rows
+    first = rows / max(1, len(r.records))  # the first part's rows (the shards are equal here)
+    steady_s = r.seconds - r.first_record_s
+    return {"rows": rows, "seconds": r.seconds, "images_per_s": rows / r.seconds, "first_batch_s": r.first_record_s,
+            "steady_images_per_s": (rows - first) / steady_s if rows > first and steady_s > 0 else None,
+            "driver_bytes_per_image": r.received_bytes / max(1, rows)}
 
 
 def bare_rates(uri: str, loaded, batch_size: int, threads: int, use_gpu: bool) -> dict:
@@ -176,14 +178,14 @@ def markdown(res: dict) -> str:
              f"| single-process PIL decode (reference) | {res['bare']['decode_images_per_s']:.0f} | - |"]
     if res.get("stream"):
         s = res["stream"]["images_per_s"]
-        lines.append(f"| Ray Data encode_stream: read + decode + forward, {res['concurrency']} actor(s) | "
-                     f"{s:.0f} | {s / bare:.2f} |")
+        lines.append(f"| build stage: parts on {res['concurrency']} Ray Data actor(s) (read + decode + forward + "
+                     f"FAISS add + part writes) | {s:.0f} | {s / bare:.2f} |")
         steady = res["stream"].get("steady_images_per_s")
         if steady:
-            lines.append(f"| encode_stream after its first batch ({res['stream']['first_batch_s']:.1f} s of actor "
+            lines.append(f"| build stage after its first part ({res['stream']['first_batch_s']:.1f} s of actor "
                          f"start-up and model load excluded) | {steady:.0f} | {steady / bare:.2f} |")
     r = res["reindex"]["images_per_s"]
-    lines.append(f"| reindex job end to end ({res['index_type']}: encode + FAISS add + shard/manifest writes) | "
+    lines.append(f"| reindex job end to end ({res['index_type']}: plan + build + id check + snapshot + GC) | "
                  f"{r:.0f} | {r / bare:.2f} |")
     return "\n".join(lines)
 
@@ -216,8 +218,10 @@ def main(argv=None) -> int:
                        "images_per_s": summary.encoded_rows / summary.seconds,
                        "bytes_per_image": summary.index_bytes / max(1, summary.total_rows)}}
     if not a.no_stream:
-        print("=== encode_stream only", flush=True)
-        res["stream"] = stream_rate(uri, loaded, cfg)
+        print("=== build stage only", flush=True)
+        scratch = os.path.join(a.out, "index-build-only")
+        shutil.rmtree(scratch, ignore_errors=True)
+        res["stream"] = build_rate(uri, loaded, cfg, scratch)
     print("=== bare forward", flush=True)
     res["bare"] = bare_rates(uri, loaded, cfg.index.encode_batch_size, cores, cfg.index.use_gpu)
     res["ratio_reindex_vs_bare"] = res["reindex"]["images_per_s"] / res["bare"]["forward_images_per_s"]

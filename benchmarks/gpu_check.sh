@@ -10,7 +10,11 @@
 # 3. a short real training run: jobs/train.py on the digits, 1 worker, train.use_gpu=true
 #    (bf16 is switched on automatically where the GPU supports it), DeepSpeed ZeRO 2;
 # 4. benchmarks/train_throughput.py on the GPU (Ray Train + DeepSpeed, 1 worker, vs plain
-#    PyTorch on the same GPU), digits resized to 28 px so the GPU has work to do;
+#    PyTorch on the same GPU), digits resized to 28 px so the GPU has work to do: the uint8
+#    stream moved to the GPU and the two views made there, bf16 autocast and channels-last
+#    on (train.* = null: auto), then the same with torch.compile forced on;
+# 4b. benchmarks/augment_speed.py on the GPU: two-view augmentation images/s (ours vs kornia),
+#    3 channels at 32 and 224 px;
 # 5. benchmarks/encode_throughput.py with index.use_gpu=true (one encoding actor per GPU),
 #    28 px as well.
 # Every step has a time limit (STEP_TIMEOUT seconds) and its exit status goes into the JSON,
@@ -114,6 +118,14 @@ EOF
         --epochs 3 --steps 0 --plain-steps 40 --pipeline-passes 1 --quiet \
         --data-dir "$WORK/data/digits" --out "$WORK/train_throughput" --json "$OUT/train_throughput.json" \
         "train.use_gpu=$USE_GPU" train.zero_stage=2 data.image_size=28
+    run_step train_throughput_compile "$PY" benchmarks/train_throughput.py --source digits --workers 1 \
+        --epochs 3 --steps 0 --plain-steps 40 --pipeline-passes 0 --quiet \
+        --data-dir "$WORK/data/digits" --out "$WORK/train_throughput_compile" \
+        --json "$OUT/train_throughput_compile.json" \
+        "train.use_gpu=$USE_GPU" train.zero_stage=2 data.image_size=28 train.compile=true
+    if [ "$USE_GPU" = "true" ]; then AUG_DEVICE=cuda; else AUG_DEVICE=cpu; fi
+    run_step augment_speed "$PY" benchmarks/augment_speed.py --device "$AUG_DEVICE" --channels 3 \
+        --sizes 32 224 --batches 256
     # ------------------------------------------------------------ 5. encoding on the GPU
     run_step encode "$PY" benchmarks/encode_throughput.py --source digits --rows "$ENCODE_ROWS" --quiet \
         --data-dir "$WORK/data/digits-encode" --out "$WORK/encode" --json "$OUT/encode_throughput.json" \
@@ -139,12 +151,18 @@ with open(os.path.join(out, "steps.tsv")) as f:
         name, rc, secs = line.rstrip("\n").split("\t")
         steps[name] = {"exit_code": int(rc), "seconds": int(secs)}
 summary = {"cuda": load("cuda.json"), "steps": steps, "train": load("train_metrics.json"),
-           "train_throughput": load("train_throughput.json"), "encode_throughput": load("encode_throughput.json")}
+           "train_throughput": load("train_throughput.json"),
+           "train_throughput_compile": load("train_throughput_compile.json"),
+           "encode_throughput": load("encode_throughput.json")}
 tt, et = summary["train_throughput"] or {}, summary["encode_throughput"] or {}
+tc = summary["train_throughput_compile"] or {}
 summary["headline"] = {
     "train_images_per_s_ray_1worker": (tt.get("ray") or [{}])[0].get("images_per_s"),
     "train_images_per_s_plain": (tt.get("plain") or {}).get("images_per_s"),
     "train_overhead_ratio": (tt.get("overhead_ratio") or {}).get("1"),
+    "train_data_wait_fraction": (tt.get("ray") or [{}])[0].get("data_wait_fraction"),
+    "train_images_per_s_ray_1worker_compiled": (tc.get("ray") or [{}])[0].get("images_per_s"),
+    "stream_bytes_per_image": tt.get("stream_bytes"),
     "encode_reindex_images_per_s": (et.get("reindex") or {}).get("images_per_s"),
     "encode_bare_forward_images_per_s": (et.get("bare") or {}).get("forward_images_per_s"),
     "encode_ratio": et.get("ratio_reindex_vs_bare"),

@@ -5,10 +5,15 @@ Three measurements on the same machine, same model, losses and global batch:
    DeepSpeed, W workers, Ray Data input): steady images/s and data-wait fraction, read
    from the per-epoch MLflow metrics `epoch/images_per_s` and `epoch/data_wait_fraction`
    (epochs after the first, which carries the input pipeline's start-up), for each --workers;
-2. one plain PyTorch process over pre-augmented batches (torch threads = all cores, same
-   global batch, same Adam + warm-up/cosine schedule + clipping): the reference rate;
-3. the data plane alone: one `pipeline_pass` (Ray Data decode + two augmented views) over
-   the training shards, against the rate training consumes.
+2. one plain PyTorch process (torch threads = all cores, same global batch, same Adam +
+   warm-up/cosine schedule + clipping) over uint8 batches already in memory, making the
+   two views per step exactly as the worker does (`two_views`): the reference rate, so the
+   ratio is the framework's overhead, not a difference in work;
+3. the data plane alone: one `pipeline_pass` (Ray Data decode to uint8 + the two views
+   made in the consuming process) over the training shards, against the rate training consumes;
+4. object-store bytes per image of the training stream, measured on materialised rows of
+   the first shard: the uint8 stream now, and the previous format (two float32 views per
+   image, built the old way for the measurement) before.
 
     python benchmarks/train_throughput.py                       # Fashion-MNIST 28 px, 1 and 2 workers
     python benchmarks/train_throughput.py --source digits --workers 1 2
@@ -107,12 +112,13 @@ def _views(out, n: int):
 def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, threads: int) -> dict:
     """images/s of the same model, objective and global batch in one PyTorch process.
 
-    images_u8: (N, C, H, W) decoded training images; PLAIN_BATCHES global batches of two
-    augmented views are made before timing and cycled, so only the step is measured.
+    images_u8: (N, C, H, W) decoded training images; PLAIN_BATCHES uint8 global batches
+    (NHWC, as the stream carries them) are cycled, and every step makes its two views
+    with `two_views`, as a training worker does.
     """
     import torch
 
-    from sscq_dist.data.augment import augment
+    from sscq_dist.data.augment import two_views
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model
     from sscq_dist.neighbor_bank import NeighborBank
@@ -133,10 +139,13 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
     rng = np.random.default_rng(cfg.train.seed)
     batches = []
     for _ in range(PLAIN_BATCHES):
-        u8 = torch.from_numpy(images_u8[rng.choice(len(images_u8), b, replace=len(images_u8) < b)])
-        batches.append(torch.cat([augment(u8, cfg.data.augment), augment(u8, cfg.data.augment)]).to(device))
+        u8 = images_u8[rng.choice(len(images_u8), b, replace=len(images_u8) < b)]
+        batches.append(torch.from_numpy(np.ascontiguousarray(u8.transpose(0, 2, 3, 1))).to(device))
+    step_no = [0]
 
-    def step(views):
+    def step(images):
+        step_no[0] += 1
+        views = two_views(images, cfg.data.augment, cfg.train.seed, 0, step_no[0])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(views)
         out_a, out_b = _views(out, b)
@@ -165,14 +174,41 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
 
 
 def pipeline_rate(uri: str, cfg: Config, passes: int) -> dict:
-    """Best of `passes` passes of Ray Data decode + two augmented views over the training shards."""
+    """Best of `passes` passes of Ray Data decode (uint8) + the two views made by the consumer."""
     from sscq_dist.data.pipeline import pipeline_pass
 
-    runs = [pipeline_pass(uri, cfg, batch_size=cfg.data.decode_batch_size, two_views=True, progress=False)
+    runs = [pipeline_pass(uri, cfg, batch_size=cfg.data.decode_batch_size, two_views_on_consumer=True,
+                          progress=False)
             for _ in range(passes)]
     best = max(runs, key=lambda s: s.images_per_s)
     return {"images_per_s": best.images_per_s, "rows": best.rows, "dropped": best.dropped, "seconds": best.seconds,
             "pass_images_per_s": [s.images_per_s for s in runs]}
+
+
+def _old_float_views(batch: dict, aug) -> dict:
+    """The stream format before the uint8 change: two augmented float32 views per image."""
+    import torch
+
+    from sscq_dist.data.augment import augment
+
+    t = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    return {"id": batch["id"], "ok": batch["ok"], "view_a": augment(t, aug).numpy(), "view_b": augment(t, aug).numpy()}
+
+
+def stream_bytes(uri: str, cfg: Config) -> dict:
+    """Object-store bytes per image of the first shard's rows: uint8 stream (now) vs two float32 views (before)."""
+    from sscq_dist.data.pipeline import decoded_images
+
+    first = sorted(os.path.join(uri, f) for f in os.listdir(uri) if f.endswith(".parquet"))[0] \
+        if "://" not in uri else uri
+    ds, _ = decoded_images(first, cfg)
+    now = ds.materialize()
+    before = now.map_batches(_old_float_views, fn_kwargs={"aug": cfg.data.augment}, batch_format="numpy",
+                             batch_size=cfg.data.decode_batch_size).materialize()
+    rows = now.count()
+    c, h = cfg.data.channels, cfg.data.image_size
+    return {"rows": rows, "chw": c * h * h, "uint8_bytes_per_image": now.size_bytes() / rows,
+            "float_views_bytes_per_image": before.size_bytes() / rows}
 
 
 def markdown(res: dict) -> str:
@@ -182,7 +218,7 @@ def markdown(res: dict) -> str:
              f"{res['bits']} bits, {res['cores']} CPU cores, device {res['device']}):", "",
              "| setup | workers | torch threads / worker | images/s | vs plain PyTorch | scaling vs 1 worker | "
              "data wait |", "|---|---:|---:|---:|---:|---:|---:|",
-             f"| plain PyTorch, 1 process, pre-augmented batches | 1 | {res['plain']['threads_per_worker']} | "
+             f"| plain PyTorch, 1 process, uint8 batches in memory, views per step | 1 | {res['plain']['threads_per_worker']} | "
              f"{plain:.0f} | 1.00 | - | - |"]
     one = next((r["images_per_s"] for r in res["ray"] if r["workers"] == 1), None)
     for r in res["ray"]:
@@ -196,6 +232,12 @@ def markdown(res: dict) -> str:
         lines += ["", "| data plane | images/s | vs fastest training consumption |", "|---|---:|---:|",
                   f"| Ray Data decode + two augmented views (pipeline_pass, {p['rows']} rows) | "
                   f"{p['images_per_s']:.0f} | {p['images_per_s'] / consume:.2f}x |"]
+    if res.get("stream_bytes"):
+        sb = res["stream_bytes"]
+        lines += ["", f"| object-store bytes per image ({sb['rows']} rows, C*H*W = {sb['chw']}) | bytes |",
+                  "|---|---:|",
+                  f"| before: two float32 views + id + ok | {sb['float_views_bytes_per_image']:.0f} |",
+                  f"| now: uint8 image + id + ok + shard | {sb['uint8_bytes_per_image']:.0f} |"]
     return "\n".join(lines)
 
 
@@ -222,10 +264,12 @@ def main(argv=None) -> int:
     if a.pipeline_passes > 0:
         print("=== data plane (pipeline_pass)", flush=True)
         pipe = pipeline_rate(train_uri, base, a.pipeline_passes)
+    print("=== object-store bytes per image", flush=True)
+    sbytes = stream_bytes(train_uri, base)
     res = {"source": a.images or a.source, "image_size": base.data.image_size,
            "global_batch": base.train.global_batch_size, "bits": base.model.bits, "cores": cores,
            "zero_stage": base.train.zero_stage, "device": plain["device"], "epochs": a.epochs, "steps": a.steps,
-           "plain": plain, "ray": ray_runs, "pipeline": pipe,
+           "plain": plain, "ray": ray_runs, "pipeline": pipe, "stream_bytes": sbytes,
            "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     res["overhead_ratio"] = {str(r["workers"]): r["images_per_s"] / plain["images_per_s"] for r in ray_runs}
     bs.write_json(a.json, res)

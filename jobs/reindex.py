@@ -1,9 +1,10 @@
 """Re-index images with the champion: `python jobs/reindex.py --images URI --index-root URI`.
 
 Incremental and exactly-once: only source shards missing from (or changed since) the
-manifest are encoded; a new champion version is built beside the old one and CURRENT flips
-when it is complete. Exits 0 with "nothing to do" when everything is up to date.
-Schedule it with cron or the Kubernetes CronJob in infra/ (see README).
+version's latest snapshot are built, as parts on Ray Data workers; the run publishes one new
+snapshot generation and flips CURRENT to it. A new champion is built beside the serving
+version. Exits 0 with "nothing to do" when everything is up to date, 2 with one `error:` line
+otherwise. Schedule it with cron or the Kubernetes CronJob in infra/ (see README).
 """
 
 import argparse

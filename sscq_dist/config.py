@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from sscq_dist.errors import ConfigError
+from sscq_dist.records import build_record
 
 BITS_CHOICES = (16, 32, 64)
 BACKBONES = ("small_cnn", "resnet18_cifar", "resnet50")
@@ -75,8 +75,15 @@ class DataConfig:
     # Rows shuffled locally by each training worker's iterator (0 = off).
     shuffle_buffer: int = 1024
     # Training sets up to this many rows are decoded once and cached in the object store
-    # (uint8 pixels), and all epochs stream from one execution; larger ones stream per epoch.
+    # (uint8, C*H*W bytes per image), and every epoch iterates the cache in a new seeded
+    # block order; larger ones are read and decoded again every epoch.
     cache_max_rows: int = 2_000_000
+    # Stop training (one error line, no model registered) when more than this share of the
+    # training rows does not decode. A clean collection drops nothing (digits, Fashion-MNIST:
+    # 0) and sporadic corrupt files in a crawl stay far below 1 %; a systematic fault (wrong
+    # codec, truncated or foreign shards) crosses it, and training on what is left would
+    # register a model of a silently different collection.
+    max_drop_fraction: float = 0.01
     # Decoded pixels above this count are refused (decompression-bomb guard).
     max_image_pixels: int = 50_000_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -85,6 +92,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"
+    # small_cnn channel multiplier (encoder capacity; cost grows with its square).
+    width: float = 1.0
     bits: int = 32
     num_codewords: int = 16  # K; 16 means 4-bit codes (FAISS fast-scan)
     codeword_dim: int = 16  # d
@@ -143,6 +152,17 @@ class TrainConfig:
     max_failures: int = 2
     # Checkpoint (every rank saves, then report) every N epochs and after the last one.
     checkpoint_every_epochs: int = 1
+    # Also checkpoint every N global steps inside an epoch (0 = off): a failure then costs at
+    # most N steps, not the rest of a long epoch.
+    checkpoint_every_steps: int = 0
+    # Speed switches; null = auto: on for CUDA workers (bf16 only where the GPU supports
+    # it), off on CPU where each measured slower or no faster (BENCHMARKS.md); true/false force.
+    # bf16: forward under torch.autocast(bfloat16), fp32 weights and losses.
+    bf16: Optional[bool] = None
+    # channels_last: model and augmented views in channels-last memory format.
+    channels_last: Optional[bool] = None
+    # compile: torch.compile of the model (in place, checkpoints unchanged).
+    compile: Optional[bool] = None
     # Checkpoints Ray Train keeps per run (0 = all; the quality benchmark evaluates each one).
     keep_checkpoints: int = 2
     log_every_steps: int = 10
@@ -195,10 +215,12 @@ class IndexConfig:
     encode_batch_size: int = 512
     # Encoding actors; 0 = auto: one per GPU with use_gpu, else one per CPU less one for reads.
     encode_concurrency: int = 0
-    # Source image shards encoded into one index shard.
-    source_shards_per_index_shard: int = 1
     # Index-root lock lease; a heartbeat renews it, so a dead writer's lease lapses this fast.
     lock_ttl_s: float = 120.0
+    # Snapshots and part files no retained snapshot names are deleted once this much older
+    # (readers that opened an older generation keep working this long; the current and
+    # previous snapshots are always kept).
+    gc_grace_s: float = 86400.0
 
 
 @dataclass
@@ -241,54 +263,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check/convert one leaf value against its annotated type."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], key + ".")
-        else:
-            kwargs[f.name] = _coerce(key, data[f.name], tp)
-    return cls(**kwargs)
-
-
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
@@ -303,6 +277,7 @@ def validate(cfg: Config) -> Config:
     _check(m.bits % 4 == 0, "model.bits", f"must be divisible by log2(K)=4, got {m.bits}")
     _check(m.codeword_dim > 0, "model.codeword_dim", f"must be > 0, got {m.codeword_dim}")
     _check(m.head_hidden > 0, "model.head_hidden", f"must be > 0, got {m.head_hidden}")
+    _check(0 < m.width <= 8, "model.width", f"must be in (0, 8], got {m.width}")
     for name in ("tau_q",):
         _check(getattr(m, name) > 0, f"model.{name}", f"temperature must be > 0, got {getattr(m, name)}")
     for name in ("tau_ic", "tau_cc", "tau_pn", "tau_cd"):
@@ -315,6 +290,8 @@ def validate(cfg: Config) -> Config:
     _check(d.decode_batch_size >= 1, "data.decode_batch_size", f"must be >= 1, got {d.decode_batch_size}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
     _check(d.cache_max_rows >= 0, "data.cache_max_rows", f"must be >= 0, got {d.cache_max_rows}")
+    _check(0.0 <= d.max_drop_fraction <= 1.0, "data.max_drop_fraction",
+           f"must be in [0, 1], got {d.max_drop_fraction}")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", f"must be >= 0, got {d.prefetch_batches}")
     _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
     for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
@@ -341,6 +318,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")
     _check(t.checkpoint_every_epochs >= 1, "train.checkpoint_every_epochs",
            f"must be >= 1, got {t.checkpoint_every_epochs}")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+           f"must be >= 0 (0 = off), got {t.checkpoint_every_steps}")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {t.max_steps_per_epoch}")
@@ -365,7 +344,8 @@ def validate(cfg: Config) -> Config:
            f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")
     _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
-    _check(ix.source_shards_per_index_shard >= 1, "index.source_shards_per_index_shard", "must be >= 1")
+    _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
+    _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
     st = cfg.storage
     _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {st.max_attempts}")
     _check(st.retry_backoff_s >= 0, "storage.retry_backoff_s", f"must be >= 0, got {st.retry_backoff_s}")
@@ -406,7 +386,7 @@ def from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_nested(data, key, value)
-    return validate(_build(Config, data, ""))
+    return validate(build_record(Config, data, lambda msg: ConfigError(f"config {msg}"), strict=True))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

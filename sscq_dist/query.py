@@ -27,11 +27,11 @@ class QueryService:
     def open(cls, index_root_uri: str, cfg: Config, cache_dir: Optional[str] = None,
              nprobe: Optional[int] = None) -> "QueryService":
         searcher = Searcher.open(index_root_uri, cfg.storage, cache_dir=cache_dir, nprobe=nprobe)
-        loaded = load_model(searcher.manifest.model_uri, cfg.tracking)
+        loaded = load_model(searcher.snapshot.model_uri, cfg.tracking)
         # Refuse a model whose codebooks differ from those the index was built with.
-        from sscq_dist.indexing.manifest import check_codebooks
+        from sscq_dist.indexing.formats import check_codebooks
 
-        check_codebooks(searcher.manifest, loaded.codebooks)
+        check_codebooks(searcher.snapshot, loaded.codebooks)
         return cls(searcher, loaded.model, loaded.cfg)
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ class QueryService:
         return embed_images(self.model, images_u8)
 
     def search_bytes(self, images: list[bytes], k: int) -> SearchResult:
-        """Encoded image bytes (any format) -> top-k over all shards."""
+        """Encoded image bytes (any format) -> top-k over all parts."""
         arrs = []
         for i, data in enumerate(images):
             a = decode_image(data, self.cfg.data.image_size, self.cfg.data.channels, self.cfg.data.max_image_pixels)

@@ -1,16 +1,17 @@
-"""Serve nearest-neighbour queries over every shard of the version named by CURRENT.
+"""Answer nearest-neighbour queries over every part of the snapshot CURRENT names.
 
-`Searcher.open(root)` reads `<root>/CURRENT`, that version's manifest, its index shards
-and id maps (SPEC section 3), optionally through a local cache so a restart reads no
-shard bytes from object storage again. `search` sends the query embeddings to every shard
-and merges the per-shard top-k by distance; since the shards share the PQ codebooks (and,
-for IVF, one trained coarse quantizer) and fast-scan look-up tables depend on the query
-only, the merge equals one index holding all vectors.
+`Searcher.open(root)` reads `<root>/CURRENT`, that snapshot, its part files and id maps
+(SPEC section 3; formats in `sscq_dist.indexing.formats`), optionally through a local cache
+so a restart reads no part bytes from object storage again. A searcher holds what it opened:
+it keeps answering from that snapshot while a reindex publishes the next generation, and
+sees the new one only when opened again. `search` sends the query embeddings to every part
+and merges the per-part top-k by distance; since the parts share the PQ codebooks (and, for
+IVF, one trained coarse quantizer) and fast-scan look-up tables depend on the query only,
+the merge equals one index holding all vectors.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -20,19 +21,15 @@ from typing import Callable, Optional
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sscq_dist import storage
 from sscq_dist.config import StorageConfig
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index
-from sscq_dist.indexing.manifest import (IndexManifest, check_codebooks, read_current, read_manifest,
-                                         version_loc)
+from sscq_dist.indexing.formats import Snapshot, check_codebooks, open_current, parse_idmap, read_snapshot, version_loc
 from sscq_dist.storage import Location
 
 log = logging.getLogger(__name__)
-
-IDMAP_SCHEMA = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("uri", pa.string())])
 
 
 @dataclass
@@ -43,43 +40,6 @@ class SearchResult:
     ids: np.ndarray
     distances: np.ndarray
     uris: list[list[Optional[str]]]
-
-
-# --------------------------------------------------------------------------- id maps
-
-
-def idmap_name(shard_no: int) -> str:
-    return f"idmap-{shard_no:05d}.parquet"
-
-
-def index_shard_name(shard_no: int) -> str:
-    return f"shard-{shard_no:05d}.index"
-
-
-def write_idmap(loc: Location, ids: np.ndarray, uris: list[Optional[str]] | pa.Array) -> int:
-    """Write the Parquet id map (id int64, uri string) atomically; returns its size in bytes."""
-    table = pa.table({"id": pa.array(np.asarray(ids, dtype=np.int64), pa.int64()),
-                      "uri": pa.array(uris, pa.string())}, schema=IDMAP_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    data = buf.getvalue()
-    storage.atomic_write_bytes(loc, data)
-    return len(data)
-
-
-def _parse_idmap(data: bytes, what: str) -> tuple[np.ndarray, pa.Array]:
-    table = pq.read_table(pa.BufferReader(data))
-    for name, tp in (("id", pa.int64()), ("uri", pa.string())):
-        if name not in table.column_names:
-            raise IndexError_(f"id map {what}: missing column '{name}'")
-        if table.schema.field(name).type != tp:
-            raise IndexError_(f"id map {what}: column '{name}' is {table.schema.field(name).type}, expected {tp}")
-    return table.column("id").to_numpy(), table.column("uri").combine_chunks()
-
-
-def read_idmap(loc: Location) -> tuple[np.ndarray, pa.Array]:
-    """(ids (N,) int64, uris pyarrow string array of length N)."""
-    return _parse_idmap(storage.read_bytes(loc), loc.uri)
 
 
 # --------------------------------------------------------------------------- merge
@@ -117,7 +77,7 @@ def _cached_bytes(remote: Location, cache_dir: Optional[str], version: str, name
         _check_size(remote, data, size)
         return None, data
     local_dir = os.path.join(cache_dir, version)
-    local = os.path.join(local_dir, f"{size}-{name}")
+    local = os.path.join(local_dir, f"{size}-{name.replace('/', '_')}")
     if os.path.isfile(local) and os.path.getsize(local) == size:
         return local, None
     data = storage.read_bytes(remote)
@@ -138,84 +98,78 @@ def _cached_bytes(remote: Location, cache_dir: Optional[str], version: str, name
 
 def _check_size(remote: Location, data: bytes, size: int) -> None:
     if len(data) != size:
-        raise IndexError_(f"{remote.uri} is {len(data)} bytes but the manifest says {size}; "
-                          "the index version is inconsistent (rewritten after its manifest?)")
+        raise IndexError_(f"{remote.uri} is {len(data)} bytes but the snapshot says {size}; "
+                          "the index is inconsistent (a part rewritten after its snapshot?)")
 
 
 # --------------------------------------------------------------------------- searcher
 
 
 class Searcher:
-    """Holds the shards and id map of one index version; answers k-NN queries.
+    """Holds the parts and id maps of one snapshot; answers k-NN queries.
 
     Build it with `Searcher.open(...)`. `encoder` (optional) maps a batch of images to
     (Q, D) float32 embeddings for `search_images`.
     """
 
-    def __init__(self, manifest: IndexManifest, shards: list[faiss.Index], idmap_ids: np.ndarray,
+    def __init__(self, snapshot: Snapshot, parts: list[faiss.Index], idmap_ids: np.ndarray,
                  idmap_uris: pa.Array, root_uri: str = "",
                  encoder: Optional[Callable[[np.ndarray], np.ndarray]] = None):
-        self.manifest = manifest
-        self.shards = shards
+        self.snapshot = snapshot
+        self.parts = parts
         self.root_uri = root_uri
         self.encoder = encoder
         order = np.argsort(idmap_ids, kind="stable")
         self._ids_sorted = idmap_ids[order]
         self._uris_sorted = idmap_uris.take(pa.array(order))
-        self.dim: Optional[int] = shards[0].d if shards else None
+        self.dim: Optional[int] = parts[0].d if parts else None
 
     @property
     def ntotal(self) -> int:
-        return int(sum(s.ntotal for s in self.shards))
+        return int(sum(s.ntotal for s in self.parts))
 
     @property
     def version(self) -> str:
-        return self.manifest.model_version
+        """The snapshot served: '<model_version>/<generation>'."""
+        return self.snapshot.name
 
     @classmethod
     def open(cls, index_root_uri: str, storage_cfg: Optional[StorageConfig] = None,
              cache_dir: Optional[str] = None, nprobe: Optional[int] = None,
              encoder: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-             codebooks: Optional[np.ndarray] = None) -> "Searcher":
-        """Open the version named by <root>/CURRENT.
+             codebooks: Optional[np.ndarray] = None, snapshot: Optional[str] = None) -> "Searcher":
+        """Open the snapshot named by <root>/CURRENT (or `snapshot`, '<version>/<generation>').
 
-        cache_dir: local directory keeping shard and id-map files between opens;
+        cache_dir: local directory keeping part and id-map files between opens;
         nprobe: overrides the IVF nprobe stored in the index; codebooks (M, K, d): when
-        given, refused unless they match the manifest's checksum (the query encoder must
+        given, refused unless they match the snapshot's checksum (the query encoder must
         be the model that built the index).
         """
         root = storage.resolve(index_root_uri, storage_cfg)
-        version = read_current(root)
-        if version is None:
-            raise IndexError_(f"index root {root.uri} has no CURRENT; run a reindex first")
-        manifest = read_manifest(root, version)
-        if manifest is None:
-            raise IndexError_(f"index root {root.uri}: CURRENT names version {version}, which has no manifest.json")
-        if not manifest.complete:
-            raise IndexError_(f"index root {root.uri}: version {version} is incomplete (manifest complete=false)")
+        snap = read_snapshot(root, snapshot) if snapshot else open_current(root)
         if codebooks is not None:
-            check_codebooks(manifest, codebooks)
-        vloc = version_loc(root, version)
-        shards, all_ids, all_uris = [], [], []
-        for sh in manifest.index_shards:
-            index = _load_index(vloc.join(sh.file), cache_dir, version, sh.file, sh.bytes)
-            if index.ntotal != sh.rows:
-                raise IndexError_(f"{vloc.join(sh.file).uri} holds {index.ntotal} vectors, manifest says {sh.rows}")
+            check_codebooks(snap, codebooks)
+        vloc = version_loc(root, snap.model_version)
+        parts, all_ids, all_uris = [], [], []
+        for p in snap.parts:
+            index = _load_index(vloc.join(p.index_file), cache_dir, snap.model_version, p.index_file, p.index_bytes)
+            if index.ntotal != p.indexed:
+                raise IndexError_(f"{vloc.join(p.index_file).uri} holds {index.ntotal} vectors, snapshot says {p.indexed}")
             faiss_index.set_nprobe(index, nprobe)
-            shards.append(index)
-            path, data = _cached_bytes(vloc.join(sh.idmap_file), cache_dir, version, sh.idmap_file, sh.idmap_bytes)
+            parts.append(index)
+            path, data = _cached_bytes(vloc.join(p.ids_file), cache_dir, snap.model_version, p.ids_file, p.ids_bytes)
             if path is not None:
                 with open(path, "rb") as f:
                     data = f.read()
-            ids, uris = _parse_idmap(data, vloc.join(sh.idmap_file).uri)
-            if len(ids) != sh.rows:
-                raise IndexError_(f"id map {vloc.join(sh.idmap_file).uri} has {len(ids)} rows, manifest says {sh.rows}")
-            all_ids.append(ids)
-            all_uris.append(uris)
+            table = parse_idmap(data, vloc.join(p.ids_file).uri, columns=["id", "uri"])
+            if table.num_rows != p.indexed:
+                raise IndexError_(f"id map {vloc.join(p.ids_file).uri} has {table.num_rows} rows, snapshot says {p.indexed}")
+            all_ids.append(table.column("id").to_numpy())
+            all_uris.append(table.column("uri").combine_chunks())
         ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
         uris = pa.concat_arrays(all_uris) if all_uris else pa.array([], pa.string())
-        log.info("opened index %s version %s: %d shards, %d vectors", root.uri, version, len(shards), len(ids))
-        return cls(manifest, shards, ids, uris, root_uri=root.uri, encoder=encoder)
+        log.info("opened index %s snapshot %s: %d parts, %d vectors", root.uri, snap.name, len(parts), len(ids))
+        return cls(snap, parts, ids, uris, root_uri=root.uri, encoder=encoder)
 
     def lookup_uris(self, ids: np.ndarray) -> list[list[Optional[str]]]:
         """(Q, k) int64 ids -> uris (None for -1 or an id absent from the id maps)."""
@@ -230,14 +184,14 @@ class Searcher:
         return [out[r * k:(r + 1) * k] for r in range(ids.shape[0])]
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """queries: (Q, D) float32 embeddings -> the k nearest over all shards."""
+        """queries: (Q, D) float32 embeddings -> the k nearest over all parts."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or (self.dim is not None and q.shape[1] != self.dim):
             raise ValueError(f"queries must be (Q, {self.dim}) embeddings, got {tuple(q.shape)}")
         dists, ids = [], []
-        for index in self.shards:
+        for index in self.parts:
             if index.ntotal == 0:
                 continue
             d, i = index.search(q, k)

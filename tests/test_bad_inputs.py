@@ -125,8 +125,8 @@ def test_decoder_skips_bad_bytes_and_converts_every_mode(mixed_shard):
 
 
 def test_ray_pipeline_counts_undecodable_rows(mixed_shard, ray_local):
-    """Through Ray Data (decode + two augmented views): bad rows dropped by id and counted."""
-    from sscq_dist.data.pipeline import DropCounter, pipeline_pass, read_images, two_view_dataset
+    """Through Ray Data (decode to the uint8 training stream): bad rows dropped by id and counted."""
+    from sscq_dist.data.pipeline import DropCounter, decoded_images, pipeline_pass
 
     cfg = load_config(DIGITS_YAML, ["data.decode_batch_size=4"])
     stats = pipeline_pass(mixed_shard["dir"], cfg, batch_size=4, progress=False)
@@ -134,9 +134,9 @@ def test_ray_pipeline_counts_undecodable_rows(mixed_shard, ray_local):
     assert stats.rows == len(mixed_shard["good_ids"]) + n_bad and stats.dropped == n_bad
     counter = DropCounter()
     kept = []
-    for b in counter.iterate(two_view_dataset(read_images(mixed_shard["dir"], cfg), cfg)
-                             .iter_batches(batch_size=4, batch_format="numpy")):
-        assert np.isfinite(b["view_a"]).all() and b["view_a"].shape[1:] == (1, 8, 8)
+    ds, _ = decoded_images(mixed_shard["dir"], cfg)
+    for b in counter.iterate(ds.iter_batches(batch_size=4, batch_format="numpy")):
+        assert b["image"].dtype == np.uint8 and b["image"].shape[1:] == (8, 8, 1)
         kept.extend(b["id"].tolist())
     assert sorted(kept) == mixed_shard["good_ids"]
     assert sorted(counter.dropped_ids) == mixed_shard["bad_ids"]
@@ -155,7 +155,7 @@ def test_reindex_encodes_good_rows_and_counts_bad_ones(mixed_shard, model_dir, t
     n_bad = len(mixed_shard["bad_ids"])
     assert summary.dropped_rows == n_bad and summary.total_rows == len(mixed_shard["good_ids"])
     s = Searcher.open(root, cfg.storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
+    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.parts])
     assert sorted(ids.tolist()) == mixed_shard["good_ids"]
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(REINDEX_EXPERIMENT)
@@ -215,7 +215,7 @@ def test_bad_source_ingest_cli_one_error_line(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", BAD_SOURCES)
 def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
-    from sscq_dist.indexing.manifest import read_current
+    from sscq_dist.indexing.formats import read_current
     from sscq_dist.indexing.reindex import reindex
     from sscq_dist.storage import resolve
 
@@ -226,7 +226,7 @@ def test_bad_source_reindex_refuses(kind, tmp_path, model_dir, ray_local):
         reindex(str(tmp_path / "src"), root, model_dir, cfg, progress=False)
     msg = str(e.value)
     assert "\n" not in msg
-    for n in needles if kind != "duplicate_id" else ["id 7", "also in"]:
+    for n in needles if kind != "duplicate_id" else ["id 7", "is in both"]:
         assert n in msg, msg
     assert read_current(resolve(root)) is None  # nothing is served from a refused build
 
@@ -279,8 +279,8 @@ def test_empty_datasets(tmp_path, model_dir, ray_local):
 
 
 BAD_CONFIGS = {
-    "unknown_key": ("model:\n  bits: 32\n  colour: blue\n", ["unknown config key 'model.colour'"]),
-    "unknown_section": ("trainer:\n  epochs: 3\n", ["unknown config key 'trainer'"]),
+    "unknown_key": ("model:\n  bits: 32\n  colour: blue\n", ["config key 'model.colour': unknown key"]),
+    "unknown_section": ("trainer:\n  epochs: 3\n", ["config key 'trainer': unknown key"]),
     "wrong_type": ("train:\n  epochs: three\n", ["train.epochs", "expected an integer"]),
     "bool_for_int": ("train:\n  num_workers: true\n", ["train.num_workers", "expected an integer"]),
     "bits": ("model:\n  bits: 24\n", ["model.bits", "(16, 32, 64)", "24"]),

@@ -80,6 +80,10 @@ def test_train_throughput_smoke(tmp_path, data_dir):
     assert res["overhead_ratio"]["2"] == pytest.approx(ray_run["images_per_s"] / res["plain"]["images_per_s"])
     assert res["pipeline"]["rows"] == 1500 and res["pipeline"]["dropped"] == 0  # the digits train split
     assert 0 < 1500 / res["pipeline"]["images_per_s"] <= wall
+    # The stream ships uint8 (C*H*W bytes + 13 of id/ok/shard), the old format two float32 views.
+    sb = res["stream_bytes"]
+    assert sb["chw"] <= sb["uint8_bytes_per_image"] <= sb["chw"] + 32
+    assert sb["float_views_bytes_per_image"] >= 8 * sb["chw"]
 
 
 def test_encode_throughput_smoke(tmp_path, data_dir):
@@ -103,13 +107,22 @@ def test_encode_throughput_smoke(tmp_path, data_dir):
 def test_stream_passes_smoke(tmp_path):
     stdout, wall = run_script("stream_passes.py", ["--smoke"], tmp_path, timed=True)
     rows = [[c.strip() for c in line.strip(" |").split("|")] for line in stdout.splitlines()
-            if line.startswith("| refs") or line.startswith("| union")]
-    # Both ways of building the stream, each holding the smoke's 2 and 4 passes, each timed
-    # (seconds, one decimal) inside the script's run.
-    assert sorted((name.split()[0], int(passes)) for name, passes, _ in rows) == \
-        [("refs", 2), ("refs", 4), ("union", 2), ("union", 4)], rows
-    seconds = [float(t) for _, _, t in rows]
-    assert all(t >= 0 for t in seconds) and 0 < sum(seconds) <= wall, (seconds, wall)
+            if line.startswith("| one ")]
+    assert len(rows) == 6  # 3 epochs x (one stream, one execution per epoch)
+    # The smoke's 2 consumers pause 0.005 s per batch of 128 rows: no epoch can go faster than
+    # those pauses allow; each epoch's rate is its 2,000 rows over its wall time; the epochs,
+    # timed inside the script's run, fit in it; the coordinator's CPU fits in its cores.
+    ips, cpu, epoch_s = ([float(r[i].replace(",", "")) for r in rows] for i in (2, 3, 4))
+    assert all(0 < x <= 2 * 128 / 0.005 for x in ips), ips
+    assert all(abs(2000 / x - t) <= 0.05 + 0.01 * t for x, t in zip(ips, epoch_s)), (ips, epoch_s)
+    assert sum(epoch_s) <= wall
+    assert all(0 <= c <= t * (os.cpu_count() or 1) + 0.1 for c, t in zip(cpu, epoch_s)), (cpu, epoch_s)
+
+
+def test_augment_speed_smoke(tmp_path):
+    stdout = run_script("augment_speed.py", ["--smoke"], tmp_path)
+    row = next(line for line in stdout.splitlines() if line.startswith("| 32 | 16 |"))
+    assert float(row.split("|")[3].replace(",", "")) > 0 and float(row.split("|")[4].replace(",", "")) > 0
 
 
 def test_gpu_check_script_is_valid_bash():

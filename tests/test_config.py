@@ -32,6 +32,11 @@ def test_overrides_are_typed():
     ("data.augment.hflip_p=1.5", "data.augment.hflip_p"),
     ("bank.enabled=maybe", "bank.enabled"),
     ("index.index_type=hnsw", "index.index_type"),
+    ("data.max_drop_fraction=1.5", "data.max_drop_fraction"),
+    ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps"),
+    ("train.bf16=maybe", "train.bf16"),
+    ("train.channels_last=2", "train.channels_last"),
+    ("train.compile=fast", "train.compile"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as exc:

@@ -1,19 +1,24 @@
-"""Ray Data pipeline: S3 reads, two views, eval determinism, corrupt-row counting, schema errors."""
+"""Ray Data pipeline: uint8 training stream (S3 and local), worker-side views, per-epoch order,
+decode-once cache, eval determinism, corrupt-row counting, schema errors."""
 
 import io
+import os
+import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
-from sscq_dist.config import load_config
+from sscq_dist.config import AugmentConfig, load_config
+from sscq_dist.data.augment import NORM_MEAN, NORM_STD, sample_params, two_views, view_seed
 from sscq_dist.data.decode import decode_image
-from sscq_dist.data.pipeline import (DropCounter, cached_epochs_dataset, eval_dataset, pipeline_pass, read_images,
-                                     two_view_dataset)
+from sscq_dist.data.pipeline import (DropCounter, cached_train_data, check_drop_ceiling, decoded_images, eval_dataset,
+                                     pipeline_pass, read_images, streaming_train_data)
 from sscq_dist.data.schema import IMAGE_SCHEMA
-from sscq_dist.errors import SchemaError
+from sscq_dist.errors import SchemaError, TrainingError
 from sscq_dist.ingest import ingest, png_bytes
 
 
@@ -22,19 +27,63 @@ def cfg():
     return load_config("configs/digits.yaml", ["data.decode_batch_size=64", "data.image_size=28"])
 
 
-def test_two_views_from_s3(ray_local, s3_bucket, cfg):
+def test_train_stream_ships_uint8_nhwc_from_s3(ray_local, s3_bucket, cfg):
+    """The object store holds C*H*W bytes per image plus id/ok/shard (13 bytes), not float views."""
     uri = f"s3://{s3_bucket}/digits"
-    ingest("digits", uri, rows_per_shard=500, splits=["test"], progress=False)
-    ds = two_view_dataset(read_images(uri + "/test", cfg), cfg)
-    batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
-    n = sum(len(b["id"]) for b in batches)
-    assert n == 297
-    b = batches[0]
-    assert b["view_a"].shape == (100, 1, 28, 28) and b["view_a"].dtype == np.float32
-    assert b["view_b"].shape == b["view_a"].shape
-    assert b["ok"].all()
-    # Independent augmentations: the two views differ.
-    assert np.abs(b["view_a"] - b["view_b"]).mean() > 0.05
+    ingest("digits", uri, rows_per_shard=100, splits=["test"], progress=False)
+    ds, shard_uris = decoded_images(uri + "/test", cfg)
+    mat = ds.materialize()
+    rows = mat.count()
+    assert rows == 297 and len(shard_uris) == 3 and all(u.startswith("s3://") for u in shard_uris)
+    b = next(iter(mat.iter_batches(batch_size=None, batch_format="numpy")))
+    assert b["image"].dtype == np.uint8 and b["image"].shape[1:] == (28, 28, 1)
+    assert b["ok"].all() and set(b) == {"id", "ok", "shard", "image"}
+    per_image = mat.size_bytes() / rows
+    chw = 1 * 28 * 28
+    print(f"object-store bytes per image: {per_image:.1f} (uint8 C*H*W = {chw}; two float32 views = {8 * chw})")
+    assert chw <= per_image <= chw + 32
+    # Every row names the source file it came from (the drop-ceiling error needs it).
+    shards = np.concatenate([x["shard"] for x in mat.iter_batches(batch_size=100, batch_format="numpy")])
+    assert sorted(np.bincount(shards).tolist()) == [97, 100, 100]
+
+
+def test_two_views_differ_and_are_reproducible():
+    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 16, 16, 1), dtype=np.uint8))
+    aug = AugmentConfig()
+    v = two_views(imgs, aug, seed=7, rank=0, step=3)
+    assert v.shape == (128, 1, 16, 16) and v.dtype == torch.float32
+    a, b = v[:64], v[64:]
+    assert (a - b).abs().mean() > 0.05  # the two views of an image differ
+    assert torch.equal(v, two_views(imgs, aug, seed=7, rank=0, step=3))  # same (seed, rank, step): same views
+    for other in (dict(seed=8, rank=0, step=3), dict(seed=7, rank=1, step=3), dict(seed=7, rank=0, step=4)):
+        assert (v - two_views(imgs, aug, **other)).abs().mean() > 0.05, other
+    # channels-last output holds the same values (it is only a memory layout).
+    cl = two_views(imgs, aug, seed=7, rank=0, step=3, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, v)
+    assert view_seed(1, 2, 3) != view_seed(1, 3, 2)
+
+
+def test_view_parameters_follow_the_config():
+    aug = AugmentConfig(hflip_p=0.3, blur_p=0.6, jitter_p=0.8, crop_scale_min=0.4, crop_scale_max=0.9)
+    p = sample_params(20_000, aug, torch.Generator().manual_seed(0))
+    assert abs(float(p.flip.mean()) - 0.3) < 0.02
+    assert abs(float(p.blur.mean()) - 0.6) < 0.02 and abs(float(p.jitter.mean()) - 0.8) < 0.02
+    assert 0.4 <= float(p.area.min()) and float(p.area.max()) <= 0.9 and abs(float(p.area.mean()) - 0.65) < 0.01
+    assert float(p.sigma.min()) >= aug.blur_sigma_min and float(p.sigma.max()) <= aug.blur_sigma_max
+
+
+def test_flip_share_of_real_views_matches_hflip_p():
+    """Crop, jitter and blur off: every view is its image or the mirror, mirrored at rate hflip_p."""
+    aug = AugmentConfig(hflip_p=0.3, jitter_p=0.0, blur_p=0.0, crop_scale_min=1.0, crop_scale_max=1.0,
+                        crop_ratio_min=1.0, crop_ratio_max=1.0)
+    n = 2000
+    imgs = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8))
+    v = two_views(imgs, aug, seed=0)[:n]
+    x = (imgs.permute(0, 3, 1, 2).float() / 255 - NORM_MEAN) / NORM_STD
+    same = (v - x).abs().amax(dim=(1, 2, 3)) < 1e-4
+    mirrored = (v - x.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-4
+    assert bool((same | mirrored).all())
+    assert abs(float(mirrored.float().mean()) - 0.3) < 0.035
 
 
 def test_eval_mode_is_deterministic(ray_local, digits_dir, cfg):
@@ -44,19 +93,54 @@ def test_eval_mode_is_deterministic(ray_local, digits_dir, cfg):
     assert a.shape == (297, 1, 28, 28) and np.array_equal(a, b)
 
 
-def test_cached_epochs_stream_serves_every_pass_with_fresh_views(ray_local, digits_dir, cfg):
-    epochs = 12
-    ds = cached_epochs_dataset(read_images(digits_dir + "/test", cfg), cfg, epochs, seed=3)
-    batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
-    ids = np.concatenate([b["id"] for b in batches])
-    # One input of epochs x blocks: every image exactly once per pass, nothing lost or doubled.
-    assert len(ids) == epochs * 297
-    assert np.array_equal(np.bincount(ids)[np.unique(ids)], np.full(297, epochs))
-    assert batches[0]["view_a"].shape == (100, 1, 28, 28) and all(b["ok"].all() for b in batches)
-    # Views are augmented per pass, not cached: one image's views differ across passes.
-    views = np.concatenate([b["view_a"] for b in batches])
-    first = views[ids == ids[0]]
-    assert len(first) == epochs and np.abs(first[0] - first[1:]).mean() > 0.01
+def _split_epochs(ds, epochs: int) -> list[list[int]]:
+    """Ids in arrival order per epoch through a 2-way streaming split, as Ray Train's workers read."""
+    its = ds.streaming_split(2, equal=False)
+    seen = [[[] for _ in range(epochs)] for _ in its]
+
+    def consume(k, it):
+        for e in range(epochs):
+            for b in it.iter_batches(batch_size=16, batch_format="numpy"):
+                seen[k][e].extend(b["id"].tolist())
+    threads = [threading.Thread(target=consume, args=(k, it)) for k, it in enumerate(its)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [seen[0][e] + seen[1][e] for e in range(epochs)]
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    """The digits test split (297 rows) in 8 shards of 40 rows."""
+    ingest("digits", str(tmp_path / "d"), rows_per_shard=40, splits=["test"], progress=False)
+    return str(tmp_path / "d" / "test")
+
+
+def test_streaming_epochs_see_different_orders(ray_local, small_shards, cfg):
+    td = streaming_train_data(small_shards, cfg, seed=0)
+    assert not td.cached
+    orders = _split_epochs(td.dataset, 2)
+    assert all(sorted(o) == sorted(orders[0]) and len(o) == 297 for o in orders)  # every row once per epoch
+    # Not the same rows first: the file order changed (the split alone would only interleave them).
+    assert orders[0][:40] != orders[1][:40] and set(orders[0][:40]) != set(orders[1][:40])
+
+
+def test_cached_path_decodes_once_and_reshuffles_every_epoch(ray_local, small_shards, cfg):
+    td = cached_train_data(small_shards, cfg, seed=0)
+    assert td.cached and td.rows == 297 and td.dropped == 0
+    # The observable: the source files are gone, so any epoch that read or decoded again would fail.
+    for name in os.listdir(small_shards):
+        os.remove(os.path.join(small_shards, name))
+    # One full execution per epoch (as each epoch's iter_torch_batches on a worker).
+    orders = [np.concatenate([b["id"] for b in td.dataset.iter_batches(batch_size=64, batch_format="numpy")])
+              for _ in range(3)]
+    assert all(sorted(o) == sorted(orders[0]) and len(o) == 297 for o in orders)
+    assert len({tuple(o) for o in orders}) == 3  # a new block order every epoch
+    assert len(_split_epochs(td.dataset, 1)[0]) == 297  # and through a 2-way split, as Ray Train reads it
+    # The same files removed under the streaming path: its next epoch must read them, and fails.
+    with pytest.raises(Exception):
+        list(decoded_images(small_shards, cfg)[0].iter_batches())
 
 
 def _shard_with_corrupt(path, n_valid=20):
@@ -69,16 +153,22 @@ def _shard_with_corrupt(path, n_valid=20):
     pq.write_table(table, path)
 
 
-def test_corrupt_rows_are_dropped_and_counted(ray_local, tmp_path, cfg):
+def test_corrupt_rows_are_dropped_and_counted_per_file(ray_local, tmp_path, cfg):
     d = tmp_path / "bad"
     d.mkdir()
     _shard_with_corrupt(d / "part-00000.parquet")
     stats = pipeline_pass(str(d), cfg, batch_size=8, progress=False)
     assert stats.rows == 23 and stats.dropped == 3
     counter = DropCounter()
-    ds = two_view_dataset(read_images(str(d), cfg), cfg)
+    ds, shard_uris = decoded_images(str(d), cfg)
     kept = sum(len(counter.filter(b)["id"]) for b in ds.iter_batches(batch_size=8, batch_format="numpy"))
     assert kept == 20 and counter.dropped == 3 and sorted(counter.dropped_ids) == [20, 21, 22]
+    assert {shard_uris[s]: c for s, c in counter.by_shard.items()} == {str(d / "part-00000.parquet"): 3}
+    # 3 of 23 rows is 13 %: above a 5 % ceiling, one line naming the count and the file; below 20 %, fine.
+    with pytest.raises(TrainingError, match=r"^3 of 23 training images \(13\.0%\) did not decode, above "
+                                            r"data\.max_drop_fraction=0\.05; e\.g\. .*part-00000\.parquet \(3\)$"):
+        check_drop_ceiling(counter.rows, counter.dropped, dict(counter.by_shard), shard_uris, 0.05)
+    check_drop_ceiling(counter.rows, counter.dropped, dict(counter.by_shard), shard_uris, 0.2)
 
 
 def test_schema_errors_name_file_and_column(tmp_path, cfg):

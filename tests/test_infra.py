@@ -303,7 +303,12 @@ def test_cronjob_submits_reindex_to_the_shared_cluster():
         assert job[job.index(flag) + 1].startswith("s3://")
     assert job[job.index("--model") + 1] == "models:/sscq@champion"
     cfg_path, overrides = config_and_overrides(job)
-    load_config(REPO / cfg_path, overrides)
+    cfg = load_config(REPO / cfg_path, overrides)
+    # The nightly build runs its part builders on the cluster's GPU worker group.
+    assert cfg.index.use_gpu
+    gpu_groups = [g for g in one("RayCluster")["spec"]["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in str(g["template"]["spec"]["containers"][0].get("resources", {}))]
+    assert gpu_groups, "index.use_gpu=true needs a GPU worker group in the RayCluster"
 
 
 def test_crontab_example_is_a_valid_non_overlapping_reindex():
@@ -315,6 +320,7 @@ def test_crontab_example_is_a_valid_non_overlapping_reindex():
     command = fields[5]
     assert "flock -n" in command and "ray job submit" in command
     assert "python jobs/reindex.py --config configs/" in command
+    assert "index.use_gpu=true" in command.split()
     assert "%" not in command, "cron turns % into newlines"
 
 

@@ -85,6 +85,18 @@ def test_backbones_forward(name, channels, size, dim):
     assert torch.isfinite(y).all()
 
 
+def test_small_cnn_width_scales_every_block():
+    base, d1 = build_backbone("small_cnn", 1)
+    wide, d2 = build_backbone("small_cnn", 1, width=2.0)
+    assert (d1, d2) == (128, 256)
+    convs = lambda n: [m.out_channels for m in n.modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    assert convs(wide) == [2 * c for c in convs(base)]
+    n_params = lambda n: sum(p.numel() for p in n.parameters())  # noqa: E731
+    assert 3.5 * n_params(base) < n_params(wide) < 4.5 * n_params(base)  # conv weights grow with width^2
+    with pytest.raises(Exception, match="width must be > 0"):
+        build_backbone("small_cnn", 1, width=0)
+
+
 def test_model_with_resnet_backbone_and_bad_input():
     model = build_model(ModelConfig(backbone="resnet18_cifar", bits=16), channels=3).eval()
     with torch.no_grad():

@@ -1,28 +1,37 @@
-"""Batch encoding into sharded FAISS fast-scan indices, incremental exactly-once reindex, search."""
+"""Scale-out reindex: parts built on workers, snapshots, plan by one listing, ids, GC, migration.
+
+Kill tests (driver at three points, an encoder actor mid-part) and the lock takeover are in
+tests/test_reliability.py.
+"""
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
+import tracemalloc
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from fault_helpers import assert_one_error_line, job_env, random_model_dir, run_job
+from sscq_dist import storage
+from sscq_dist.data.schema import IMAGE_SCHEMA
 from sscq_dist.encoding import encode_set
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
+from sscq_dist.indexing.build import BuildJob, build_parts
+from sscq_dist.indexing.formats import (list_generations, read_current, read_snapshot, snapshot_loc, version_loc)
 from sscq_dist.indexing.job import run_reindex
 from sscq_dist.indexing.lock import IndexLock
-from sscq_dist.indexing.manifest import read_current, read_manifest, write_manifest
-from sscq_dist.indexing.reindex import reindex
-from sscq_dist.ingest import ingest
+from sscq_dist.indexing.plan import list_source_shards
+from sscq_dist.indexing.reindex import encode_config, model_version, reindex
+from sscq_dist.ingest import ingest, png_bytes
 from sscq_dist.registry import load_model
 from sscq_dist.search import Searcher
 from sscq_dist.storage import resolve
+
+DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +47,40 @@ def images(tmp_path):
     return str(tmp_path / "imgs" / "all")
 
 
-def _all_index_ids(root, cfg):
-    s = Searcher.open(root, cfg.storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
-    return s, ids
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """An untrained model folder: indexing only needs codes from one model."""
+    return random_model_dir(str(tmp_path_factory.mktemp("model") / "m"), 0)
+
+
+def small_cfg(tmp_path, *extra):
+    from conftest import make_cfg
+
+    return make_cfg(tmp_path, str(tmp_path), "index.encode_batch_size=64", *extra)
+
+
+def write_image_shards(folder, n_shards: int, rows: int, seed: int = 0, ids=None) -> np.ndarray:
+    """n_shards Parquet shards of tiny random 8x8 PNGs; random int64 ids unless given. Returns the ids."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    total = n_shards * rows
+    ids = rng.choice(2 ** 62, size=total, replace=False).astype(np.int64) if ids is None else np.asarray(ids)
+    pngs = [png_bytes(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(min(total, 64))]
+    for s in range(n_shards):
+        sl = ids[s * rows:(s + 1) * rows]
+        t = pa.table({"id": pa.array(sl, pa.int64()), "image": [pngs[i % len(pngs)] for i in range(len(sl))],
+                      "uri": [f"mem://{i}" for i in sl], "label": pa.nulls(len(sl), pa.list_(pa.int32()))},
+                     schema=IMAGE_SCHEMA)
+        pq.write_table(t, os.path.join(folder, f"part-{s:05d}.parquet"))
+    return ids
+
+
+def served_ids(root, cfg, snapshot=None):
+    s = Searcher.open(root, cfg.storage, snapshot=snapshot)
+    return s, np.concatenate([fi.index_codes(p)[0] for p in s.parts])
+
+
+# --------------------------------------------------------------------------- build and serve
 
 
 def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images, tmp_path, ray_local):
@@ -49,18 +88,18 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
     root = str(tmp_path / "index")
     summary, metrics = run_reindex(images, root, f"models:/sscq/{model.version}", cfg, log_mlflow=False)
     assert summary.total_rows == 1797 and summary.total_shards == 18 and summary.flipped
+    assert read_current(resolve(root)) == f"{model.version}/00000001" == summary.snapshot
     searcher = Searcher.open(root, cfg.storage)
     stored = {}
-    for sh in searcher.shards:
-        ids, codes = fi.index_codes(sh)
+    for part in searcher.parts:
+        ids, codes = fi.index_codes(part)
         stored.update(zip(ids.tolist(), map(bytes, codes)))
     enc = encode_set(model.model, images, cfg)
     assert len(stored) == 1797 and sorted(stored) == sorted(enc.ids.tolist())  # every id exactly once
     mismatched = [i for i, c in zip(enc.ids.tolist(), enc.codes) if stored[i] != bytes(c)]
     assert not mismatched, f"{len(mismatched)} codes differ from the model's argmin codes"
-    # A database image as query: its own code is the ADC minimum, so exhaustive ADC over the
-    # same codes ranks it first (or ties it with an identical code); the served fast-scan
-    # index rounds its lookup tables to 8 bits, so it must find it in the top 5.
+    # A database image as query: exhaustive ADC over the same codes ranks its own code first;
+    # the fast-scan index rounds its tables to 8 bits, so it must find it in the top 5.
     res = searcher.search(enc.f[:200], 5)
     ids_all = np.array(sorted(stored))
     ref = fi.exhaustive_adc(model.codebooks, np.frombuffer(b"".join(stored[i] for i in ids_all), np.uint8)
@@ -73,13 +112,18 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
     own_top1 = np.mean([stored[int(res.ids[q, 0])] == stored[int(enc.ids[q])] for q in range(200)])
     assert own_top5 >= 0.9 and own_top1 >= 0.75, (own_top5, own_top1)
     assert res.uris[0][0].startswith("sklearn:digits/")
-    # index_metrics.json beside the shards, with recall against exhaustive ADC.
+    # The id maps carry the source shard and row of every id (thumbnails read them back).
+    part = searcher.snapshot.parts[3]
+    t = pq.read_table(os.path.join(root, "models", model.version, part.ids_file))
+    src = pq.read_table(part.source.uri, columns=["id"]).column("id").to_pylist()
+    assert set(t.column("shard").to_pylist()) == {part.source.uri}
+    assert [src[r] for r in t.column("row").to_pylist()] == t.column("id").to_pylist()
     m = json.loads(open(os.path.join(root, "models", model.version, "index_metrics.json")).read())
-    assert m["recall@10"] >= 0.95 and m["rows"] == 1797 and m["bytes_per_image"] > 0
-    assert metrics["qps_served"] > 0 and metrics["qps_exhaustive_adc"] > 0
-    # Nothing changed: nothing to do.
+    assert m["recall@10"] >= 0.95 and m["rows"] == 1797 and m["snapshot"] == summary.snapshot
+    # Nothing changed: nothing to do, and no new generation.
     again = reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
     assert again.nothing_to_do and again.encoded_rows == 0
+    assert list_generations(resolve(root), model.version) == [1]
 
 
 def test_ivf_fastscan_codes_and_recall(trained, model, images, tmp_path, ray_local):
@@ -90,31 +134,78 @@ def test_ivf_fastscan_codes_and_recall(trained, model, images, tmp_path, ray_loc
                    "index.ivf_train_sample=1000")
     root = str(tmp_path / "ivf")
     summary, metrics = run_reindex(images, root, f"models:/sscq/{model.version}", cfg, log_mlflow=False)
-    s = Searcher.open(root, cfg.storage)
-    assert s.manifest.index_type == "ivf_pq_fastscan" and s.manifest.index_params["nlist"] == 16
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
+    s, ids = served_ids(root, cfg)
+    assert s.snapshot.index_type == "ivf_pq_fastscan" and s.snapshot.index_params["nlist"] == 16
     assert sorted(ids.tolist()) == sorted(set(ids.tolist())) and len(ids) == 1797
     enc = encode_set(model.model, images, cfg)
     stored = {}
-    for sh in s.shards:
-        i, c = fi.index_codes(sh)
+    for part in s.parts:
+        i, c = fi.index_codes(part)
         stored.update(zip(i.tolist(), map(bytes, c)))
     assert all(stored[i] == bytes(c) for i, c in zip(enc.ids.tolist(), enc.codes))
     assert metrics["recall@10"] >= 0.95
+    # Every part shares the one coarse quantizer stored beside the parts.
+    trained_q = fi.deserialize(open(os.path.join(root, "models", model.version, "ivf-trained.index"), "rb").read())
+    q = fi.faiss.downcast_index(trained_q.quantizer)
+    for part in s.parts:
+        pq_ = fi.faiss.downcast_index(part.quantizer)
+        np.testing.assert_array_equal(fi.faiss.rev_swig_ptr(pq_.get_xb(), pq_.ntotal * pq_.d),
+                                      fi.faiss.rev_swig_ptr(q.get_xb(), q.ntotal * q.d))
 
 
-def test_s3_root_and_incremental_append(trained, model, s3_bucket, ray_local):
+def test_build_stage_returns_records_only_and_driver_memory_stays_flat(tmp_path, random_model, ray_local):
+    """The driver receives part records (a few hundred bytes per shard) whatever the rows per
+    shard; its Python heap does not grow with rows (embeddings would add 512 bytes a row)."""
+    cfg = small_cfg(tmp_path)
+    loaded = load_model(random_model, cfg.tracking)
+    enc_cfg = encode_config(cfg, loaded)
+    out = {}
+    for rows in (50, 4000):
+        folder = tmp_path / f"r{rows}"
+        write_image_shards(str(folder), 3, rows, seed=rows)
+        todo = list_source_shards(resolve(str(folder)))
+        job = BuildJob(root_uri=str(tmp_path / f"idx{rows}"), model_uri=random_model,
+                       version=model_version(loaded), codebook_checksum=fi.codebook_checksum(loaded.codebooks),
+                       index_type="pq_fastscan", coarse_checksum="", cfg_dict=enc_cfg.to_dict())
+        tracemalloc.start()
+        result = build_parts(todo, job, enc_cfg, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert result.built == 3 and not result.errors
+        assert sum(r.indexed for r in result.records.values()) == 3 * rows
+        out[rows] = (result.received_bytes / 3, peak)
+    small, large = out[50], out[4000]
+    assert large[0] < 1.1 * small[0] and small[0] < 2000, out  # bytes per shard: flat, small
+    # 80x the rows: the driver's peak heap grows by less than the embeddings would take (6 MB).
+    assert large[1] - small[1] < 3 * 4000 * 512 / 2, out
+
+
+def test_s3_plan_is_one_listing_and_append_publishes_a_new_generation(trained, model, s3_bucket, ray_local,
+                                                                    monkeypatch):
     cfg = trained["cfg"]
     src = f"s3://{s3_bucket}/images"
     ingest("digits", src, rows_per_shard=250, splits=["train"], progress=False)  # 6 shards
     root = f"s3://{s3_bucket}/index"
     first = reindex(src + "/train", root, f"models:/sscq/{model.version}", cfg, loaded=model)
-    assert first.encoded_shards == 6 and first.total_rows == 1500
-    loc = resolve(root)
-    m1 = read_manifest(loc, model.version)
-    assert m1.complete and read_current(loc) == model.version
-    # Two new source shards (the held-out digits, re-numbered as part-00006/7).
-    import pyarrow.parquet as pq
+    assert first.encoded_shards == 6 and first.total_rows == 1500 and first.snapshot.endswith("/00000001")
+    g1 = read_snapshot(resolve(root), first.snapshot)
+    # "Nothing to do" costs one listing of the sources and no read of any source shard.
+    calls = []
+    original = storage.s3fs_filesystem
+
+    def counting(cfg_=None):
+        fs = original(cfg_)
+        fs.connect()
+        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: calls.append(
+            (model.name, params.get("Key") or params.get("Prefix") or "")))
+        return fs
+    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    again = reindex(src + "/train", root, f"models:/sscq/{model.version}", cfg, loaded=model)
+    monkeypatch.setattr(storage, "s3fs_filesystem", original)
+    assert again.nothing_to_do
+    on_sources = [c for c in calls if c[1].startswith("images/")]
+    assert [c[0] for c in on_sources] == ["ListObjectsV2"], calls
+    # Two new source shards (the held-out digits, re-numbered as part-00006/7): generation 2.
     import s3fs
 
     s3 = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
@@ -123,44 +214,12 @@ def test_s3_root_and_incremental_append(trained, model, s3_bucket, ray_local):
         s3.copy(name, f"{s3_bucket}/images/train/part-{6 + i:05d}.parquet")
     second = reindex(src + "/train", root, f"models:/sscq/{model.version}", cfg, loaded=model)
     assert second.encoded_shards == 2 and second.encoded_rows == 297 and second.total_rows == 1797
-    m2 = read_manifest(loc, model.version)
-    old = {s.path: (s.index_shard, s.etag_or_checksum) for s in m1.sources}
-    assert all(old[s.path] == (s.index_shard, s.etag_or_checksum) for s in m2.sources if s.path in old)
-    _, ids = _all_index_ids(root, cfg)
+    assert second.snapshot == f"{model.version}/00000002" and read_current(resolve(root)) == second.snapshot
+    g2 = read_snapshot(resolve(root), second.snapshot)
+    assert g2.previous == g1.name
+    assert [p for p in g2.parts if p.source.uri in {q.source.uri for q in g1.parts}] == g1.parts  # untouched
+    _, ids = served_ids(root, cfg)
     assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
-
-
-def test_killed_reindex_resumes_exactly_once(trained, model, images, tmp_path, ray_local):
-    cfg = trained["cfg"]
-    root = str(tmp_path / "killed")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=cfg.tracking.tracking_uri, PYTHONPATH=REPO,
-               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cmd = [sys.executable, os.path.join(REPO, "jobs", "reindex.py"), "--images", images, "--index-root", root,
-           "--model", f"models:/sscq/{model.version}", "--config", os.path.join(REPO, "configs", "digits.yaml"),
-           f"tracking.tracking_uri={cfg.tracking.tracking_uri}", f"tracking.output_dir={tmp_path}/out",
-           f"data.queries_uri={cfg.data.queries_uri}", "index.encode_batch_size=32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    manifest = os.path.join(root, "models", model.version, "manifest.json")
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if os.path.exists(manifest) and json.load(open(manifest))["sources"]:
-            break
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    loc = resolve(root)
-    partial = read_manifest(loc, model.version)
-    assert not partial.complete and 1 <= len(partial.sources) < 18
-    assert read_current(loc) is None  # CURRENT never named the partial build
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"encoded {18 - len(partial.sources)} shards" in out.stdout
-    _, ids = _all_index_ids(root, cfg)
-    assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
-    # No orphan files from the killed run stay in the version folder.
-    files = os.listdir(os.path.join(root, "models", model.version))
-    assert len([f for f in files if f.startswith("shard-")]) == 18
 
 
 def test_new_champion_builds_beside_then_flips(trained, model, images, tmp_path, ray_local):
@@ -170,38 +229,146 @@ def test_new_champion_builds_beside_then_flips(trained, model, images, tmp_path,
 
     cfg = trained["cfg"]
     root = str(tmp_path / "flip")
-    reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
+    a = reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
     state["quantizer.codebooks"] += 0.01 * torch.randn_like(state["quantizer.codebooks"])
     v2 = log_and_register(state, cfg, trained["result"].run_id, "sscq", cfg.data.train_uri, alias="flip-test")
     loaded2 = load_model(f"models:/sscq/{v2}", cfg.tracking)
-    s = reindex(images, root, f"models:/sscq/{v2}", cfg, loaded=loaded2)
+    b = reindex(images, root, f"models:/sscq/{v2}", cfg, loaded=loaded2)
     loc = resolve(root)
-    assert s.flipped and read_current(loc) == v2
-    assert read_manifest(loc, model.version).complete and read_manifest(loc, v2).complete
-    assert os.path.isdir(os.path.join(root, "models", model.version))  # the old build stays beside
+    assert b.flipped and read_current(loc) == f"{v2}/00000001"
+    assert read_snapshot(loc, b.snapshot).previous == a.snapshot
+    assert read_snapshot(loc, a.snapshot).model_version == model.version  # the old build stays beside
+    # Back to the first model: its snapshot still covers every source, so this is a flip, not a build.
+    back = reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
+    assert back.flipped and back.encoded_shards == 0 and read_current(loc) == a.snapshot
 
 
-def test_checksum_mismatch_and_lock_refusal(trained, model, images, tmp_path, ray_local):
-    cfg = trained["cfg"]
+def test_checksum_mismatch_and_lock_refusal(tmp_path, random_model, images, ray_local):
+    cfg = small_cfg(tmp_path)
     root = str(tmp_path / "guard")
-    reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
+    s = reindex(images, root, random_model, cfg, progress=False)
     loc = resolve(root)
     with IndexLock(loc, "someone-else", 60):
         with pytest.raises(IndexError_, match="locked by someone-else"):
-            reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
-    m = read_manifest(loc, model.version)
-    m.codebook_checksum = "sha256:" + "0" * 64
-    write_manifest(loc, m)
-    with pytest.raises(IndexError_, match="checksum"):
-        reindex(images, root, f"models:/sscq/{model.version}", cfg, loaded=model)
+            reindex(images, root, random_model, cfg, progress=False)
+    # A later snapshot of this version that another model's codebooks wrote: refused, never mixed.
+    snap = json.loads(storage.read_bytes(snapshot_loc(loc, s.model_version, 1)))
+    snap.update(generation=2, codebook_checksum="sha256:" + "0" * 64)
+    storage.atomic_write_bytes(snapshot_loc(loc, s.model_version, 2), json.dumps(snap).encode())
+    with pytest.raises(IndexError_, match="refusing to mix codes of two models"):
+        reindex(images, root, random_model, cfg, progress=False)
 
 
-def test_encoder_actor_count_explicit_and_auto(ray_local):
-    from sscq_dist.config import load_config
-    from sscq_dist.indexing.encode_job import encoder_actors
+# --------------------------------------------------------------------------- ids
 
-    assert encoder_actors(load_config(None, ["index.encode_concurrency=3"])) == 3
-    # auto on CPU: the session Ray's 4 CPUs less one for reads, capped by the cores under it
-    assert encoder_actors(load_config(None)) == max(1, min(3, os.cpu_count() or 1))
-    assert encoder_actors(load_config(None, ["index.use_gpu=true"])) == 1  # no GPU here: at least one actor
+
+def test_duplicate_id_across_two_shards_is_one_error_line_naming_both(tmp_path, random_model, ray_local):
+    """Random (hash-like) ids: every part's range overlaps, so the distributed pass runs; one id
+    shared by two shards is named with both shards, and nothing is published."""
+    folder = tmp_path / "dup"
+    ids = write_image_shards(str(folder), 4, 40, seed=3)
+    t = pq.read_table(folder / "part-00002.parquet").to_pylist()
+    t[17]["id"] = int(ids[5])  # shard 0's sixth id, again in shard 2
+    pq.write_table(pa.Table.from_pylist(t, schema=IMAGE_SCHEMA), folder / "part-00002.parquet")
+    out = run_job("reindex.py", "--images", str(folder), "--index-root", str(tmp_path / "index"),
+                  "--model", random_model, "--config", DIGITS_YAML,
+                  f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.output_dir={tmp_path}/out",
+                  "index.encode_batch_size=16", env=job_env(ray_local), cwd=str(tmp_path))
+    line = assert_one_error_line(out, f"id {int(ids[5])} is in both", "part-00000.parquet", "part-00002.parquet")
+    assert "unique over the collection" in line
+    assert read_current(resolve(str(tmp_path / "index"))) is None
+
+
+def test_unique_random_ids_pass_and_disjoint_ranges_skip_the_pass(tmp_path, random_model, ray_local):
+    cfg = small_cfg(tmp_path)
+    write_image_shards(str(tmp_path / "rand"), 4, 30, seed=4)
+    s = reindex(str(tmp_path / "rand"), str(tmp_path / "i1"), random_model, cfg, progress=False)
+    assert s.total_rows == 120 and s.ids_checked == 120  # overlapping ranges: every id read once
+    write_image_shards(str(tmp_path / "seq"), 4, 30, ids=np.arange(120))
+    s = reindex(str(tmp_path / "seq"), str(tmp_path / "i2"), random_model, cfg, progress=False)
+    assert s.total_rows == 120 and s.ids_checked == 0  # disjoint ranges: no id map read at all
+
+
+# --------------------------------------------------------------------------- snapshots and GC
+
+
+def test_searcher_on_a_generation_survives_append_and_gc(tmp_path, random_model, ray_local):
+    """A searcher opened on g keeps answering the same while appends publish g+1, g+2 and GC runs;
+    it sees new rows only when reopened; GC keeps the current and previous snapshots' files and,
+    with a zero grace period, deletes what only older snapshots named."""
+    cfg = small_cfg(tmp_path, "index.gc_grace_s=0")
+    folder = tmp_path / "src"
+    write_image_shards(str(folder), 3, 50, seed=5)
+    root = str(tmp_path / "index")
+    g1 = reindex(str(folder), root, random_model, cfg, progress=False)
+    s1 = Searcher.open(root, cfg.storage)
+    queries = np.random.default_rng(0).standard_normal((20, s1.dim)).astype(np.float32)
+    before = s1.search(queries, 10)
+    # Append one shard and rewrite another (a changed shard gets a new part name).
+    write_image_shards(str(tmp_path / "more"), 1, 50, seed=6)
+    os.replace(tmp_path / "more" / "part-00000.parquet", folder / "part-00003.parquet")
+    write_image_shards(str(tmp_path / "redo"), 1, 50, seed=7)
+    os.replace(tmp_path / "redo" / "part-00000.parquet", folder / "part-00001.parquet")
+    g2 = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert (g2.encoded_shards, g2.removed_shards, g2.snapshot[-1]) == (2, 1, "2")
+    after = s1.search(queries, 10)
+    np.testing.assert_array_equal(after.ids, before.ids)  # the open searcher: same answers
+    assert s1.version == g1.snapshot and Searcher.open(root, cfg.storage).ntotal == 200
+    # g1 is the previous snapshot: a reader can still open it, whatever the grace period.
+    old = Searcher.open(root, cfg.storage, snapshot=g1.snapshot)
+    np.testing.assert_array_equal(old.search(queries, 10).ids, before.ids)
+    replaced = next(p for p in read_snapshot(resolve(root), g1.snapshot).parts if p.source.uri.endswith("01.parquet"))
+    vdir = os.path.join(root, "models", g1.model_version)
+    assert os.path.exists(os.path.join(vdir, replaced.index_file))
+    # One more append: g1 is now neither current nor previous, and the grace is 0.
+    write_image_shards(str(tmp_path / "more2"), 1, 50, seed=8)
+    os.replace(tmp_path / "more2" / "part-00000.parquet", folder / "part-00004.parquet")
+    g3 = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert g3.gc.deleted_snapshots == 1 and g3.gc.retained == sorted([g2.snapshot, g3.snapshot])
+    assert not os.path.exists(os.path.join(vdir, replaced.index_file))  # only g1 named it
+    assert not os.path.exists(os.path.join(vdir, "snapshots", "00000001.json"))
+    np.testing.assert_array_equal(s1.search(queries, 10).ids, before.ids)  # held in memory: still answers
+    _, ids = served_ids(root, cfg)
+    assert len(ids) == 250 == len(set(ids.tolist()))
+
+
+def test_gc_respects_the_grace_period(tmp_path, random_model, ray_local):
+    cfg = small_cfg(tmp_path, "index.gc_grace_s=3600")
+    folder = tmp_path / "src"
+    write_image_shards(str(folder), 2, 20, seed=9)
+    root = str(tmp_path / "index")
+    for i in range(3):  # g1, then two appends
+        if i:
+            write_image_shards(str(tmp_path / f"add{i}"), 1, 20, seed=10 + i)
+            os.replace(tmp_path / f"add{i}" / "part-00000.parquet", folder / f"part-{1 + i:05d}.parquet")
+        last = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert last.gc.deleted_files == 0 and len(last.gc.retained) == 3  # g1 retired < 1 h ago: kept
+    assert list_generations(resolve(root), last.model_version) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- old layout
+
+
+def test_old_layout_root_is_served_then_migrated(tmp_path, random_model, images, ray_local):
+    """A root written before snapshots (manifest.json, CURRENT = bare version) is still served;
+    the next reindex rebuilds it in the snapshot layout and flips without downtime."""
+    from test_search import write_legacy_root
+
+    cfg = small_cfg(tmp_path)
+    new = reindex(images, str(tmp_path / "new"), random_model, cfg, progress=False)
+    srch = Searcher.open(str(tmp_path / "new"), cfg.storage)
+    cb = load_model(random_model).codebooks
+    ids, codes = map(np.concatenate, zip(*[fi.index_codes(p) for p in srch.parts]))
+    x = cb[np.arange(cb.shape[0])[None, :], codes].reshape(len(ids), -1)  # each row = its own codewords
+    old_root = str(tmp_path / "old")
+    write_legacy_root(old_root, cb, x, ids, [f"sklearn:digits/{i}" for i in ids], version=new.model_version)
+    legacy = Searcher.open(old_root, cfg.storage)
+    assert legacy.version == new.model_version and legacy.ntotal == 1797
+    migrated = reindex(images, old_root, random_model, cfg, progress=False)
+    assert migrated.migrated and migrated.flipped and migrated.snapshot == f"{new.model_version}/00000001"
+    assert read_snapshot(resolve(old_root), migrated.snapshot).previous == new.model_version
+    q = x[:30]
+    a, b = Searcher.open(old_root, cfg.storage).search(q, 5), legacy.search(q, 5)
+    np.testing.assert_array_equal(a.distances, b.distances)
+    assert os.path.exists(os.path.join(old_root, "models", new.model_version, "manifest.json"))  # previous: kept

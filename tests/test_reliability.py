@@ -1,8 +1,9 @@
 """Reliability contract (SPEC section 8), each fault injected for real.
 
 - the training driver SIGKILLed after its first checkpoint, then rerun: the run resumes;
-- the reindex driver SIGKILLed at three points, rerun each time: one entry per source row,
-  and CURRENT never names an incomplete manifest at any observation;
+- the reindex driver SIGKILLed at three points (building parts, before the snapshot, before
+  CURRENT) and an encoder actor mid-part: one entry per source row, and CURRENT names a whole
+  snapshot at every observation; a writer whose lease is taken over publishes nothing;
 - the S3 endpoint stopped mid-ingest and mid-reindex: bounded retries, one error line
   naming the URI, nothing partial visible, and a rerun completes;
 - the MLflow server killed during training (the run completes and registers) and during
@@ -15,6 +16,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -167,11 +169,12 @@ def test_hung_s3_endpoint_fails_within_the_deadline(s3_server, tmp_path):
 
 
 def test_s3_outage_mid_reindex(s3_endpoint, tmp_path, ray_local, caplog):
-    """Endpoint stops after 3 index shards are committed: StorageError naming the URI after
-    bounded retries; the manifest stays valid, lists only whole shards, CURRENT is unset;
-    the rerun completes with every row exactly once."""
+    """Endpoint stops after 3 parts are committed: one error line naming an s3:// URI after bounded
+    retries; every committed part is whole, no snapshot and no CURRENT exist; after the endpoint
+    is back the rerun completes with every row exactly once, reusing the committed parts."""
+    from sscq_dist.errors import SSCQError
     from sscq_dist.indexing import faiss_index as fi
-    from sscq_dist.indexing.manifest import IndexManifest
+    from sscq_dist.indexing.formats import parse_part_record
     from sscq_dist.indexing.reindex import reindex
     from sscq_dist.ingest import ingest
     from sscq_dist.search import Searcher
@@ -186,41 +189,41 @@ def test_s3_outage_mid_reindex(s3_endpoint, tmp_path, ray_local, caplog):
     root = f"{bucket}/index"
     state: dict = {}
 
+    def is_record(key: str) -> bool:  # a part's commit record (not a temporary object of an atomic write)
+        return "/parts/" in key and key.endswith(".json") and not key.rsplit("/", 1)[1].startswith(".tmp-")
+
     def committed():
-        keys = s3_endpoint.keys("index/models/")
-        man = [k for k in keys if k.endswith("/manifest.json")]
-        return man and len(json.loads(s3_endpoint.get(man[0]))["sources"]) >= 3
+        return len([k for k in s3_endpoint.keys("index/models/") if is_record(k)]) >= 3
 
     stopper = _stop_when(s3_endpoint, committed, state)
     caplog.set_level(logging.WARNING, logger="sscq_dist.storage")
-    with pytest.raises(StorageError) as e:
+    with pytest.raises(SSCQError) as e:
         reindex(f"{bucket}/images/all", root, model, cfg, progress=False)
     stopper.join(timeout=5)
     msg = str(e.value)
     assert "stopped_at" in state and "unreachable" in msg and f"{bucket}/" in msg and "\n" not in msg, msg
     assert time.time() - state["stopped_at"] < 60, "retries are not bounded"
-    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert retries and all("retry 1/1" in m for m in retries), retries
     s3_endpoint.start()
     keys = s3_endpoint.keys("index/")
-    (man_key,) = [k for k in keys if k.endswith("/manifest.json")]
-    manifest = IndexManifest.from_json(s3_endpoint.get(man_key))  # whole, valid JSON
-    assert not manifest.complete and 3 <= len(manifest.sources) < 9
-    assert "index/CURRENT" not in keys
-    vdir = man_key.rsplit("/", 1)[0]
+    records = [k for k in keys if is_record(k)]
+    assert 3 <= len(records) < 9
+    assert not [k for k in keys if "/snapshots/" in k] and "index/CURRENT" not in keys
     listed_ids = []
-    for sh in manifest.index_shards:  # every listed shard is whole and holds its rows
-        index = fi.deserialize(s3_endpoint.get(f"{vdir}/{sh.file}"))
-        assert index.ntotal == sh.rows
+    for key in records:  # every committed part is whole and holds its rows
+        rec = parse_part_record(s3_endpoint.get(key), key)
+        vdir = key.split("/parts/")[0]
+        index = fi.deserialize(s3_endpoint.get(f"{vdir}/{rec.index_file}"))
+        assert index.ntotal == rec.indexed == rec.rows
         listed_ids += fi.index_codes(index)[0].tolist()
-    assert len(listed_ids) == len(set(listed_ids)) == sum(s.rows for s in manifest.sources)
+    assert len(listed_ids) == len(set(listed_ids))
     # Back up: once the stale lease lapses, the rerun resumes and finishes.
-    wait_for(lambda: "index/LOCK" not in keys or
-             json.loads(s3_endpoint.get("index/LOCK"))["expires_at"] < time.time(), 30, "lease expiry")
+    wait_for(lambda: "index/lock" not in s3_endpoint.keys("index/") or
+             json.loads(s3_endpoint.get("index/lock"))["expires_at"] < time.time(), 30, "lease expiry")
     s = reindex(f"{bucket}/images/all", root, model, cfg, progress=False)
-    assert s.encoded_shards == 9 - len(manifest.sources) and s.total_rows == 1797 and s.flipped
+    assert s.resumed_shards >= len(records) and s.encoded_shards + s.resumed_shards == 9
+    assert s.total_rows == 1797 and s.flipped
     searcher = Searcher.open(root, cfg.storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in searcher.shards])
+    ids = np.concatenate([fi.index_codes(p)[0] for p in searcher.parts])
     assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
 
 
@@ -244,36 +247,54 @@ def _reindex_args(images: str, root: str, model: str, tmp_path, *extra: str) -> 
 
 
 class IndexObserver:
-    """Reads CURRENT and manifests the way a searcher would, recording what it saw."""
+    """Reads the root the way a searcher would, recording what it saw: CURRENT must always name
+    a whole snapshot (its file and every part file it lists exist with the listed sizes)."""
 
     def __init__(self, root: str):
         self.root = root
-        self.seen: list[tuple] = []
+        self.seen: list[str] = []
 
-    def manifest(self, version: str):
-        path = os.path.join(self.root, "models", version, "manifest.json")
-        return json.load(open(path)) if os.path.exists(path) else None
+    def observe(self) -> str:
+        cur = os.path.join(self.root, "CURRENT")
+        current = open(cur).read().strip() if os.path.exists(cur) else ""
+        if current:
+            version, gen = current.split("/")
+            vdir = os.path.join(self.root, "models", version)
+            snap = json.load(open(os.path.join(vdir, "snapshots", f"{gen}.json")))
+            for p in snap["parts"]:
+                assert os.path.getsize(os.path.join(vdir, p["index_file"])) == p["index_bytes"], current
+                assert os.path.getsize(os.path.join(vdir, p["ids_file"])) == p["ids_bytes"], current
+        self.seen.append(current)
+        return current
 
-    def observe(self, building: str) -> int:
-        """Check the serving invariant once; returns how many sources `building` lists."""
-        cur_path = os.path.join(self.root, "CURRENT")
-        current = open(cur_path).read().strip() if os.path.exists(cur_path) else None
-        if current is not None:
-            served = self.manifest(current)
-            assert served is not None and served["complete"], f"CURRENT -> {current} whose manifest is incomplete"
-        m = self.manifest(building)
-        n = len(m["sources"]) if m else 0
-        self.seen.append((current, n))
-        return n
+    def record_files(self, version: str) -> dict[str, float]:
+        """Commit records of a version's parts -> their modification times."""
+        d = os.path.join(self.root, "models", version, "parts")
+        names = [f for f in os.listdir(d) if f.endswith(".json") and not f.startswith(".")] if os.path.isdir(d) else []
+        return {f: os.path.getmtime(os.path.join(d, f)) for f in names}
+
+    def records(self, version: str) -> int:
+        return len(self.record_files(version))
+
+    def snapshots(self, version: str) -> list[str]:
+        d = os.path.join(self.root, "models", version, "snapshots")
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def _final_ids(root: str, cfg) -> np.ndarray:
+    from sscq_dist.indexing import faiss_index as fi
+    from sscq_dist.search import Searcher
+
+    s = Searcher.open(root, cfg.storage)
+    return np.concatenate([fi.index_codes(p)[0] for p in s.parts])
 
 
 def test_reindex_driver_killed_at_three_points(digits_all, tmp_path, ray_local):
-    """Version B is built beside serving version A; its driver is SIGKILLed after ~1, ~9 and
-    ~16 of 18 shards (near the flip). Every rerun resumes; CURRENT names a complete manifest
-    at every observation; the final index holds each source row exactly once."""
-    from sscq_dist.indexing import faiss_index as fi
+    """Version B is built beside serving version A; its driver is SIGKILLed (a) while parts are
+    being built, (b) after every part record but before the snapshot, (c) between the snapshot
+    and CURRENT. Each rerun resumes; CURRENT names a whole snapshot at every observation; the
+    final index reads back each source row exactly once from the FAISS files."""
     from sscq_dist.indexing.reindex import reindex
-    from sscq_dist.search import Searcher
 
     root = str(tmp_path / "index")
     cfg = make_cfg(tmp_path, str(tmp_path), "index.encode_batch_size=64")
@@ -281,51 +302,126 @@ def test_reindex_driver_killed_at_three_points(digits_all, tmp_path, ray_local):
     model_b = random_model_dir(str(tmp_path / "model_b"), 2)
     a = reindex(digits_all, root, model_a, cfg, progress=False)
     assert a.flipped and a.total_rows == 1797
-    ver_a, ver_b = a.model_version, None
     obs = IndexObserver(root)
     env = job_env(ray_local)
     args = _reindex_args(digits_all, root, model_b, tmp_path)
-    kills = []
-    for i, at_least in enumerate((1, 9, 16)):
-        proc = start_job("reindex.py", *args, env=env, cwd=str(tmp_path), log_path=str(tmp_path / f"run{i}.log"))
-        try:
-            def ready():
-                nonlocal ver_b
-                if ver_b is None:
-                    vs = [v for v in os.listdir(os.path.join(root, "models")) if v != ver_a]
-                    ver_b = vs[0] if vs else None
-                assert proc.poll() is None, open(tmp_path / f"run{i}.log").read()[-3000:]
-                return ver_b is not None and obs.observe(ver_b) >= at_least
-            wait_for(ready, 240, f"{at_least} committed shards", interval=0.01)
-        finally:
-            kill_group(proc)
-        n = obs.observe(ver_b)
-        kills.append(n)
-        assert open(os.path.join(root, "CURRENT")).read().strip() == ver_a  # B never served partial
-        m = obs.manifest(ver_b)
-        assert not m["complete"] and n < 18
-        # No row listed twice so far, and each listed index shard holds its listed rows.
-        ids = [fi.index_codes(fi.deserialize(open(os.path.join(root, "models", ver_b, x["file"]), "rb").read()))[0]
-               for x in m["index_shards"]]
-        flat = np.concatenate(ids).tolist()
-        assert len(flat) == len(set(flat)) == sum(s["rows"] for s in m["sources"])
-    assert kills == sorted(kills) and len(set(kills)) == 3, kills  # three different points
-    # The last rerun runs to the end while we keep observing.
-    proc = start_job("reindex.py", *args, env=env, cwd=str(tmp_path), log_path=str(tmp_path / "final.log"))
-    while proc.poll() is None:
-        obs.observe(ver_b)
-        time.sleep(0.01)
-    log = open(tmp_path / "final.log").read()
+    ver_b = None
+
+    def run(i: int, failpoint: str = "") -> subprocess.Popen:
+        e = dict(env, SSCQ_FAILPOINTS=failpoint) if failpoint else env
+        return start_job("reindex.py", *args, env=e, cwd=str(tmp_path), log_path=str(tmp_path / f"run{i}.log"))
+
+    def watch(proc) -> None:
+        while proc.poll() is None:
+            obs.observe()
+            time.sleep(0.01)
+
+    # (a) killed from outside once 3 of 18 parts are committed.
+    proc = run(0)
+    try:
+        def three_parts():
+            nonlocal ver_b
+            obs.observe()
+            vs = [v for v in os.listdir(os.path.join(root, "models")) if v != a.model_version]
+            ver_b = vs[0] if vs else None
+            assert proc.poll() is None, open(tmp_path / "run0.log").read()[-3000:]
+            return ver_b is not None and obs.records(ver_b) >= 3
+        wait_for(three_parts, 240, "3 committed parts", interval=0.01)
+    finally:
+        kill_group(proc)
+    committed_a = obs.record_files(ver_b)
+    done_a = len(committed_a)
+    assert 3 <= done_a < 18 and obs.snapshots(ver_b) == [] and obs.observe() == a.snapshot
+    # (b) the rerun kills itself after the last record, before writing the snapshot.
+    proc = run(1, "reindex.before_snapshot=kill")
+    watch(proc)
+    assert proc.returncode == -signal.SIGKILL, open(tmp_path / "run1.log").read()[-3000:]
+    assert obs.records(ver_b) == 18 and obs.snapshots(ver_b) == [] and obs.observe() == a.snapshot
+    after_b = obs.record_files(ver_b)
+    assert {f: after_b[f] for f in committed_a} == committed_a  # (a)'s parts were resumed, not rebuilt
+    # (c) the next rerun builds nothing, writes the snapshot and dies before CURRENT.
+    proc = run(2, "reindex.before_current=kill")
+    watch(proc)
+    assert proc.returncode == -signal.SIGKILL, open(tmp_path / "run2.log").read()[-3000:]
+    assert obs.snapshots(ver_b) == ["00000001.json"] and obs.observe() == a.snapshot
+    assert obs.record_files(ver_b) == after_b  # nothing rebuilt
+    # The last rerun finds the whole snapshot and flips to it without building anything.
+    proc = run(3)
+    watch(proc)
+    log = open(tmp_path / "run3.log").read()
     assert proc.returncode == 0, log[-3000:]
-    assert f"encoded {18 - kills[-1]} shards" in log, log[-2000:]
-    obs.observe(ver_b)
-    assert open(os.path.join(root, "CURRENT")).read().strip() == ver_b
-    s = Searcher.open(root, cfg.storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
+    assert "encoded 0 shards" in log and f"CURRENT -> {ver_b}/00000001" in log, log[-2000:]
+    assert obs.observe() == f"{ver_b}/00000001" and obs.snapshots(ver_b) == ["00000001.json"]
+    ids = _final_ids(root, cfg)
     assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
-    files = os.listdir(os.path.join(root, "models", ver_b))
-    assert len([f for f in files if f.startswith("shard-")]) == 18  # no orphan from a killed run
-    assert len(obs.seen) > 20
+    assert len([f for f in os.listdir(os.path.join(root, "models", ver_b, "parts")) if f.endswith(".index")]) == 18
+    assert len(obs.seen) > 20 and set(obs.seen) == {a.snapshot, f"{ver_b}/00000001"}
+
+
+def test_encoder_actor_killed_mid_part_is_retried(digits_all, tmp_path, ray_local):
+    """SIGKILL one part-builder actor process while it builds: Ray restarts it and retries the
+    task; the run ends with every source row exactly once."""
+    import psutil
+
+    root = str(tmp_path / "index")
+    model = random_model_dir(str(tmp_path / "model"), 4)
+    proc = start_job("reindex.py", *_reindex_args(digits_all, root, model, tmp_path, "index.encode_batch_size=4"),
+                     env=job_env(ray_local), cwd=str(tmp_path), log_path=str(tmp_path / "run.log"))
+    obs = IndexObserver(root)
+
+    def builders() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["cmdline"]) if "PartBuilder" in " ".join(p.info["cmdline"] or [])}
+
+    try:
+        def building():
+            assert proc.poll() is None, open(tmp_path / "run.log").read()[-3000:]
+            vs = os.listdir(os.path.join(root, "models")) if os.path.isdir(os.path.join(root, "models")) else []
+            return builders() if vs and 1 <= obs.records(vs[0]) < 12 else None
+        before = wait_for(building, 240, "a builder mid-run", interval=0.01)
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL)
+        seen = set(before)
+        while proc.poll() is None:
+            seen |= builders()
+            time.sleep(0.05)
+    finally:
+        kill_group(proc)
+    log = open(tmp_path / "run.log").read()
+    assert proc.returncode == 0, log[-3000:]
+    assert seen - before, "no builder process replaced the killed one"
+    ids = _final_ids(root, make_cfg(tmp_path, str(tmp_path)))
+    assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
+
+
+def test_writer_that_lost_its_lease_cannot_publish(digits_all, tmp_path, ray_local):
+    """The lock is forcibly taken over while the writer is between its last part and its
+    snapshot: it stops with `error: lost the index lock to <owner>`, publishes nothing, and a
+    later run reuses its committed parts."""
+    root = str(tmp_path / "index")
+    model = random_model_dir(str(tmp_path / "model"), 5)
+    args = _reindex_args(digits_all, root, model, tmp_path)
+    obs = IndexObserver(root)
+    proc = subprocess.Popen(job_cmd("reindex.py", *args), env=job_env(ray_local, SSCQ_FAILPOINTS=
+                            "reindex.before_snapshot=sleep(6)"), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def all_parts():
+        vs = os.listdir(os.path.join(root, "models")) if os.path.isdir(os.path.join(root, "models")) else []
+        return vs[0] if vs and obs.records(vs[0]) == 18 else None
+    version = wait_for(all_parts, 240, "18 committed parts", interval=0.02)
+    with open(os.path.join(root, "lock"), "w") as f:  # an operator's forced takeover
+        json.dump({"owner": "ops-override", "token": uuid.uuid4().hex, "fence": 1,
+                   "expires_at": time.time() + 5}, f)
+    out, err = proc.communicate(timeout=300)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    line = assert_one_error_line(result, "lost the index lock to ops-override")
+    assert "stopped without publishing" in line
+    assert obs.snapshots(version) == [] and not os.path.exists(os.path.join(root, "CURRENT"))
+    assert json.load(open(os.path.join(root, "lock")))["owner"] == "ops-override"  # not deleted by the loser
+    wait_for(lambda: json.load(open(os.path.join(root, "lock")))["expires_at"] < time.time(), 30, "lease expiry")
+    again = run_job("reindex.py", *args, env=job_env(ray_local), cwd=str(tmp_path))
+    assert again.returncode == 0 and "encoded 0 shards" in again.stdout and "18 resumed" in again.stdout, \
+        again.stdout[-2000:] + again.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- concurrent reindex
@@ -334,9 +430,6 @@ def test_reindex_driver_killed_at_three_points(digits_all, tmp_path, ray_local):
 def test_concurrent_reindex_one_proceeds(digits_all, tmp_path, ray_local):
     """Two reindex processes started together on one root: one builds the index, the other
     exits 2 naming the lock holder; the result holds every row once."""
-    from sscq_dist.indexing import faiss_index as fi
-    from sscq_dist.search import Searcher
-
     root = str(tmp_path / "index")
     model = random_model_dir(str(tmp_path / "model"), 3)
     args = _reindex_args(digits_all, root, model, tmp_path)
@@ -351,10 +444,9 @@ def test_concurrent_reindex_one_proceeds(digits_all, tmp_path, ray_local):
     assert_one_error_line(loser, "locked by", "another reindex is running")
     winner = next(r for r in results if r.returncode == 0)
     assert "encoded 18 shards" in winner.stdout
-    s = Searcher.open(root, make_cfg(tmp_path, str(tmp_path)).storage)
-    ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.shards])
+    ids = _final_ids(root, make_cfg(tmp_path, str(tmp_path)))
     assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
-    assert not os.path.exists(os.path.join(root, "LOCK"))
+    assert not os.path.exists(os.path.join(root, "lock"))
 
 
 # ----------------------------------------------------------------------------- training driver killed

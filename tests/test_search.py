@@ -1,4 +1,5 @@
-"""Search over index shards: merge equals one index; Searcher opens local and S3 roots."""
+"""Search over index parts: merge equals one index; Searcher opens snapshots on local and S3 roots,
+and still serves a root written in the pre-snapshot manifest.json layout."""
 
 import uuid
 
@@ -8,9 +9,9 @@ import pytest
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_, StorageError
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.manifest import (IndexManifest, IndexShard, SourceShard, now_iso, version_loc,
-                                         write_current, write_manifest)
-from sscq_dist.search import (Searcher, index_shard_name, idmap_name, merge_topk, read_idmap, write_idmap)
+from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, idmap_bytes, now_iso, parse_idmap,
+                                        part_files, version_loc, write_current, write_snapshot)
+from sscq_dist.search import Searcher, merge_topk
 
 M = 8
 
@@ -46,26 +47,61 @@ def shard_indices(kind, c, x, ids, n_shards):
     return shards, parts
 
 
-def write_root(root_uri, kind, c, x, ids, uris, n_shards=3, version="5", complete=True):
+def write_root(root_uri, kind, c, x, ids, uris, n_shards=3, version="5", generation=1):
+    """A snapshot the way a reindex publishes it: part files, then the snapshot, then CURRENT."""
     root = storage.resolve(root_uri)
     vloc = version_loc(root, version)
     shards, parts = shard_indices(kind, c, x, ids, n_shards)
-    index_shards, sources = [], []
+    entries = []
+    for s, (index, p) in enumerate(zip(shards, parts)):
+        name = f"part-{s:05d}-0123456789abcdef"
+        index_file, ids_file, _ = part_files(name)
+        data = fi.serialize(index)
+        idmap = idmap_bytes(ids[p], [uris[i] for i in p], f"src/part-{s:05d}.parquet", np.arange(len(p)))
+        storage.atomic_write_bytes(vloc.join(index_file), data)
+        storage.atomic_write_bytes(vloc.join(ids_file), idmap)
+        entries.append(PartEntry(part=name, source=SourceShard(f"src/part-{s:05d}.parquet", 1, "x"), rows=len(p),
+                                 indexed=len(p), dropped=0, id_min=int(ids[p].min()), id_max=int(ids[p].max()),
+                                 index_file=index_file, index_bytes=len(data), ids_file=ids_file,
+                                 ids_bytes=len(idmap)))
+    snap = Snapshot(generation=generation, model_uri="models:/sscq/5", model_version=version,
+                    codebook_checksum=fi.codebook_checksum(c), bits=4 * M, M=M, K=16, index_type=kind,
+                    index_params={}, coarse_checksum="", created_at=now_iso(), previous=None, writer="test",
+                    fence=1, parts=entries)
+    write_snapshot(root, snap)
+    write_current(root, snap.name)
+    return root
+
+
+def write_legacy_root(root_uri, c, x, ids, uris, version="5", complete=True):
+    """The pre-snapshot layout: models/<v>/manifest.json, shard-NNNNN.index, idmap-NNNNN.parquet (id, uri),
+    CURRENT holding the bare version."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = storage.resolve(root_uri)
+    vloc = version_loc(root, version)
+    shards, parts = shard_indices("pq_fastscan", c, x, ids, 2)
+    sources, index_shards = [], []
     for s, (index, p) in enumerate(zip(shards, parts)):
         data = fi.serialize(index)
-        storage.atomic_write_bytes(vloc.join(index_shard_name(s)), data)
-        nbytes = write_idmap(vloc.join(idmap_name(s)), ids[p], [uris[i] for i in p])
-        index_shards.append(IndexShard(file=index_shard_name(s), rows=len(p), bytes=len(data),
-                                       idmap_file=idmap_name(s), idmap_bytes=nbytes))
-        sources.append(SourceShard(path=f"src/part-{s:05d}.parquet", size=1, etag_or_checksum="x", rows=len(p),
-                                   index_shard=index_shard_name(s), id_min=int(ids[p].min()),
-                                   id_max=int(ids[p].max())))
-    manifest = IndexManifest(model_uri="models:/sscq/5", model_version=version,
-                             codebook_checksum=fi.codebook_checksum(c), bits=4 * M, M=M, K=16, index_type=kind,
-                             index_params={}, created_at=now_iso(), complete=complete, sources=sources,
-                             index_shards=index_shards)
-    write_manifest(root, manifest)
-    write_current(root, version)
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": pa.array(ids[p], pa.int64()), "uri": pa.array([uris[i] for i in p], pa.string())}), buf)
+        storage.atomic_write_bytes(vloc.join(f"shard-{s:05d}.index"), data)
+        storage.atomic_write_bytes(vloc.join(f"idmap-{s:05d}.parquet"), buf.getvalue())
+        index_shards.append({"file": f"shard-{s:05d}.index", "rows": len(p), "bytes": len(data),
+                             "idmap_file": f"idmap-{s:05d}.parquet", "idmap_bytes": len(buf.getvalue())})
+        sources.append({"path": f"src/part-{s:05d}.parquet", "size": 1, "etag_or_checksum": "x", "rows": len(p),
+                        "index_shard": f"shard-{s:05d}.index", "id_min": int(ids[p].min()), "id_max": int(ids[p].max())})
+    manifest = {"schema_version": 1, "model_uri": "models:/sscq/5", "model_version": version,
+                "codebook_checksum": fi.codebook_checksum(c), "bits": 4 * M, "M": M, "K": 16,
+                "index_type": "pq_fastscan", "index_params": {}, "created_at": now_iso(), "complete": complete,
+                "sources": sources, "index_shards": index_shards}
+    storage.atomic_write_bytes(vloc.join("manifest.json"), json.dumps(manifest).encode())
+    storage.atomic_write_bytes(root.join("CURRENT"), (version + "\n").encode())
     return root
 
 
@@ -104,12 +140,12 @@ def test_merge_topk_pads_missing_results():
     np.testing.assert_array_equal(ids, [[10, 11, -1]])
 
 
-def test_idmap_round_trip(tmp_path):
-    loc = storage.resolve(str(tmp_path / "idmap-00000.parquet"))
-    size = write_idmap(loc, np.array([3, 1, 2]), ["a", None, "c"])
-    assert size == (tmp_path / "idmap-00000.parquet").stat().st_size
-    ids, uris = read_idmap(loc)
-    assert ids.dtype == np.int64 and list(ids) == [3, 1, 2] and uris.to_pylist() == ["a", None, "c"]
+def test_idmap_round_trip():
+    data = idmap_bytes(np.array([3, 1, 2]), ["a", None, "c"], "s3://b/src/part-00007.parquet", np.array([0, 4, 5]))
+    t = parse_idmap(data, "mem")
+    assert t.column("id").to_pylist() == [3, 1, 2] and t.column("uri").to_pylist() == ["a", None, "c"]
+    assert t.column("shard").to_pylist() == ["s3://b/src/part-00007.parquet"] * 3
+    assert t.column("row").to_pylist() == [0, 4, 5]
 
 
 @pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
@@ -118,7 +154,7 @@ def test_searcher_local_root(tmp_path, kind):
     x, ids, uris = dataset(c, 3000)
     write_root(str(tmp_path / "index"), kind, c, x, ids, uris)
     s = Searcher.open(str(tmp_path / "index"), nprobe=32)
-    assert s.ntotal == 3000 and len(s.shards) == 3 and s.version == "5"
+    assert s.ntotal == 3000 and len(s.parts) == 3 and s.version == "5/00000001"
     res = s.search(x[:40], 5)
     assert res.ids.shape == (40, 5) and res.distances.shape == (40, 5)
     assert (res.ids[:, 0] == ids[:40]).mean() > 0.9  # a stored vector finds itself
@@ -127,7 +163,7 @@ def test_searcher_local_root(tmp_path, kind):
         assert row_uris == [uri_of[i] for i in row_ids]
     assert any(u is None for row in res.uris for u in row)  # null uris come back as None
     if kind == "ivf_pq_fastscan":
-        assert all(sh.nprobe == 32 for sh in s.shards)
+        assert all(sh.nprobe == 32 for sh in s.parts)
 
 
 def test_searcher_encodes_images_with_its_encoder(tmp_path):
@@ -159,14 +195,30 @@ def test_searcher_errors_name_the_problem(tmp_path):
         Searcher.open(str(tmp_path / "empty"))
     c = codebooks()
     x, ids, uris = dataset(c, 500)
-    write_root(str(tmp_path / "inc"), "pq_fastscan", c, x, ids, uris, n_shards=1, complete=False)
+    root = write_root(str(tmp_path / "gone"), "pq_fastscan", c, x, ids, uris, n_shards=1)
+    storage.atomic_write_bytes(root.join("CURRENT"), b"5/00000002\n")  # a generation never written
+    with pytest.raises(IndexError_, match="snapshot 5/00000002 does not exist"):
+        Searcher.open(str(tmp_path / "gone"))
+    write_legacy_root(str(tmp_path / "inc"), c, x, ids, uris, complete=False)
     with pytest.raises(IndexError_, match="incomplete"):
         Searcher.open(str(tmp_path / "inc"))
     root = write_root(str(tmp_path / "trunc"), "pq_fastscan", c, x, ids, uris, n_shards=1)
-    shard = version_loc(root, "5").join("shard-00000.index")
-    storage.write_bytes(shard, storage.read_bytes(shard)[:-10])  # truncated after the manifest
-    with pytest.raises(IndexError_, match="manifest says"):
+    part = version_loc(root, "5").join(part_files("part-00000-0123456789abcdef")[0])
+    storage.write_bytes(part, storage.read_bytes(part)[:-10])  # truncated after the snapshot
+    with pytest.raises(IndexError_, match="snapshot says"):
         Searcher.open(str(tmp_path / "trunc"))
+
+
+def test_legacy_manifest_root_is_still_served(tmp_path):
+    c = codebooks()
+    x, ids, uris = dataset(c, 1000)
+    write_legacy_root(str(tmp_path / "old"), c, x, ids, uris)
+    write_root(str(tmp_path / "new"), "pq_fastscan", c, x, ids, uris, n_shards=2)
+    old, new = Searcher.open(str(tmp_path / "old")), Searcher.open(str(tmp_path / "new"))
+    assert old.version == "5" and old.snapshot.legacy and old.ntotal == 1000
+    a, b = old.search(x[:50], 10), new.search(x[:50], 10)
+    assert_same_topk(a.distances, a.ids, b.distances, b.ids)
+    assert a.uris == b.uris
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +251,15 @@ def test_searcher_s3_root_second_open_reads_from_cache(s3_root, tmp_path, kind):
     cache = str(tmp_path / "cache")
     first = Searcher.open(s3_root, cache_dir=cache)
     want = first.search(x[:30], 10)
-    # Remove every shard and id-map object: only the cache can serve them now.
+    # Remove every part and id-map object: only the cache can serve them now.
     vloc = version_loc(root, "5")
-    for sh in first.manifest.index_shards:
-        storage.delete(vloc.join(sh.file))
-        storage.delete(vloc.join(sh.idmap_file))
+    for p in first.snapshot.parts:
+        storage.delete(vloc.join(p.index_file))
+        storage.delete(vloc.join(p.ids_file))
     second = Searcher.open(s3_root, cache_dir=cache)
     got = second.search(x[:30], 10)
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_array_equal(got.distances, want.distances)
     assert got.uris == want.uris
     with pytest.raises(StorageError, match="not found"):
-        Searcher.open(s3_root)  # without the cache the shards are gone: the cache really served them
+        Searcher.open(s3_root)  # without the cache the parts are gone: the cache really served them

@@ -1,13 +1,29 @@
-"""Ray Data image pipeline: Parquet shards from any storage URI -> decoded, augmented views.
+"""Ray Data image pipeline: Parquet shards from any storage URI -> decoded uint8 images.
 
-Undecodable rows are kept through `map_batches` with `ok = False` (zeros for pixels), so
-every stage keeps fixed shapes and the consumer counts exactly what it dropped
-(`DropCounter`); nothing is lost in a worker log.
+Training stream (SPEC section 4, "Input pipeline at GPU scale"): Ray Data reads, decodes
+and resizes once and ships uint8 images, NHWC (H x W x C bytes per image), with three
+small columns: `id` (int64), `ok` (bool: False = the bytes did not decode, pixels are
+zeros) and `shard` (int32: index of the source file in `TrainData.shard_uris`). The two
+augmented views are made inside the training worker (`sscq_dist.data.augment.two_views`),
+so floats and second views never cross the object store.
+
+- Cached path (`cached_train_data`): a collection of at most `data.cache_max_rows` rows is
+  decoded once and materialised in the object store; every epoch is one execution over
+  those blocks in a block order seeded by (seed, epoch index), plus the worker's local
+  shuffle. An epoch's execution has no task to run, so no executor is left spinning
+  while training consumes it (the multi-epoch stream it replaces did: README, Known limits).
+- Streaming path (`streaming_train_data`): larger collections are read and decoded again
+  every epoch, with the file order shuffled per execution, seeded by (seed, epoch index).
+
+Undecodable rows stay in the stream with `ok = False`, so every stage keeps fixed shapes
+and the consumer counts exactly what it dropped and from which file (`DropCounter`).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -16,10 +32,16 @@ import ray
 import torch
 
 from sscq_dist.config import Config, DataConfig
-from sscq_dist.data.augment import augment, eval_view
+from sscq_dist.data.augment import eval_view, two_views
 from sscq_dist.data.decode import decode_batch
 from sscq_dist.data.schema import validate_shards
+from sscq_dist.errors import TrainingError
 from sscq_dist.storage import resolve
+
+# Training stream columns besides the image: id int64, ok bool, shard int32.
+META_COLUMNS = ("id", "ok", "shard")
+# Example files named by the drop-ceiling error.
+DROP_EXAMPLE_FILES = 3
 
 
 def read_images(uri: str, cfg: Config, columns: Optional[list[str]] = None,
@@ -38,54 +60,118 @@ def read_images(uri: str, cfg: Config, columns: Optional[list[str]] = None,
     return ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, **kwargs).select_columns(cols)
 
 
-def _two_views(batch: dict, data_cfg: DataConfig) -> dict:
-    torch.set_num_threads(1)  # one Ray CPU per task; avoid oversubscribing the node
-    imgs, ok = decode_batch(batch["image"], data_cfg.image_size, data_cfg.channels, data_cfg.max_image_pixels)
-    t = torch.from_numpy(imgs)
-    return {
-        "id": np.asarray(batch["id"], dtype=np.int64),
-        "ok": ok,
-        "view_a": augment(t, data_cfg.augment).numpy(),
-        "view_b": augment(t, data_cfg.augment).numpy(),
-    }
+@dataclass
+class TrainData:
+    """The training dataset handed to Ray Train and what the workers need to read it.
 
-
-def _decode_only(batch: dict, data_cfg: DataConfig) -> dict:
-    imgs, ok = decode_batch(batch["image"], data_cfg.image_size, data_cfg.channels, data_cfg.max_image_pixels)
-    return {"id": np.asarray(batch["id"], dtype=np.int64), "ok": ok, "pixels": imgs}
-
-
-def _augment_only(batch: dict, data_cfg: DataConfig) -> dict:
-    torch.set_num_threads(1)
-    t = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
-    return {"id": batch["id"], "ok": batch["ok"],
-            "view_a": augment(t, data_cfg.augment).numpy(), "view_b": augment(t, data_cfg.augment).numpy()}
-
-
-def repeat_blocks(ds: "ray.data.Dataset", passes: int, seed: int = 0) -> "ray.data.Dataset":
-    """`passes` passes over a materialized dataset's blocks, each in a new seeded order.
-
-    One input of `passes x blocks` references to the same blocks (no copies). A `union` of
-    one dataset per pass makes every step of the streaming executor walk an operator per
-    pass: streaming 3 passes out of a 60-pass union took 108 s against 9 s out of a 10-pass
-    one; out of this single input, 7 s and 4.5 s (benchmarks/stream_passes.py).
+    dataset: rows id, ok, shard, image (uint8 (H, W, C)); shard_uris: source file of each
+    shard index; cached: materialised once (True) or streamed per epoch (False);
+    rows / dropped: counted on the driver for the cached path, None when streaming.
     """
-    blocks = ds.to_arrow_refs()  # zero-copy when the blocks are Arrow already (ours are)
-    rng = np.random.default_rng(seed)
-    return ray.data.from_arrow_refs([blocks[i] for _ in range(passes) for i in rng.permutation(len(blocks))])
+
+    dataset: "ray.data.Dataset"
+    shard_uris: list[str]
+    cached: bool
+    rows: Optional[int] = None
+    dropped: Optional[int] = None
+    dropped_by_shard: dict = field(default_factory=dict)
 
 
-def cached_epochs_dataset(ds: "ray.data.Dataset", cfg: Config, epochs: int, seed: int = 0) -> "ray.data.Dataset":
-    """Decode once into the object store, then stream `epochs` passes of fresh two-view augmentation.
+def _shard_index(paths, index: dict[str, int]) -> np.ndarray:
+    """Source-file index per row from Ray Data's `path` column (basename as the fallback key)."""
+    out = np.empty(len(paths), dtype=np.int32)
+    for i, p in enumerate(paths):
+        out[i] = index.get(p, index.get(os.path.basename(str(p)), -1))
+    return out
 
-    For collections that fit in memory (uint8 pixels): one streaming execution serves the
-    whole run, so no epoch pays the pipeline start-up, and each pass visits blocks in a new
-    random order.
+
+def decode_train_batch(batch: dict, data_cfg: DataConfig, shard_index: dict[str, int]) -> dict:
+    """Ray Data batch (id, image bytes, path) -> id, ok, shard, image uint8 (N, H, W, C)."""
+    imgs, ok = decode_batch(batch["image"], data_cfg.image_size, data_cfg.channels, data_cfg.max_image_pixels)
+    return {"id": np.asarray(batch["id"], dtype=np.int64), "ok": ok,
+            "shard": _shard_index(batch["path"], shard_index),
+            "image": np.ascontiguousarray(imgs.transpose(0, 2, 3, 1))}
+
+
+def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) -> tuple["ray.data.Dataset", list[str]]:
+    """(lazy dataset of id, ok, shard, uint8 NHWC image, source file uris).
+
+    shuffle_seed: the file order is shuffled at every execution, seeded by
+    (shuffle_seed, execution index); None keeps the listed order.
     """
-    decoded = ds.map_batches(_decode_only, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size,
-                             batch_format="numpy").materialize()
-    return repeat_blocks(decoded, epochs, seed).map_batches(
-        _augment_only, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size, batch_format="numpy")
+    from ray.data import FileShuffleConfig
+
+    loc = resolve(uri, cfg.storage)
+    files = validate_shards(loc)
+    index = {f.path: i for i, f in enumerate(files)}
+    index.update({os.path.basename(f.path): i for i, f in enumerate(files)})
+    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, include_paths=True, shuffle=shuffle,
+                               columns=["id", "image"])
+    ds = ds.map_batches(decode_train_batch, fn_kwargs={"data_cfg": cfg.data, "shard_index": index},
+                        batch_size=cfg.data.decode_batch_size, batch_format="numpy")
+    return ds, [f.uri for f in files]
+
+
+def _drop_stats(batch: dict) -> dict:
+    bad = ~np.asarray(batch["ok"], dtype=bool)
+    shards, counts = np.unique(np.asarray(batch["shard"])[bad], return_counts=True)
+    return {"rows": np.array([len(bad)]), "dropped": np.array([int(bad.sum())]),
+            "shards": np.array([shards.astype(np.int64)], dtype=object),
+            "counts": np.array([counts.astype(np.int64)], dtype=object)}
+
+
+def count_dropped(ds: "ray.data.Dataset") -> tuple[int, int, dict[int, int]]:
+    """(rows, undecodable rows, {shard index: undecodable rows}) of a decoded dataset."""
+    rows, dropped, by_shard = 0, 0, Counter()
+    stats = ds.select_columns(["ok", "shard"]).map_batches(_drop_stats, batch_size=None, batch_format="numpy")
+    for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
+        rows += int(np.sum(b["rows"]))
+        dropped += int(np.sum(b["dropped"]))
+        for shards, counts in zip(b["shards"], b["counts"]):
+            for s, c in zip(shards, counts):
+                by_shard[int(s)] += int(c)
+    return rows, dropped, dict(by_shard)
+
+
+def cached_train_data(uri: str, cfg: Config, seed: int) -> TrainData:
+    """Decode once into the object store; every epoch iterates it in a new block order.
+
+    The block order of execution e is a permutation seeded by (seed, e) (Ray Data's
+    `RandomSeedConfig` with `reseed_after_execution`); with Ray Train each epoch's
+    `iter_torch_batches` is one execution; the worker's local shuffle buffer (seeded by
+    (seed, rank, epoch)) mixes rows across neighbouring blocks. Undecodable rows are
+    counted here, once.
+    """
+    from ray.data import RandomSeedConfig
+
+    ds, shard_uris = decoded_images(uri, cfg)
+    # Blocks of one decode batch: the per-epoch block permutation then mixes at that
+    # granularity, not at the granularity of whole files (Ray Data merges small files).
+    decoded = ds.repartition(target_num_rows_per_block=cfg.data.decode_batch_size).materialize()
+    rows, dropped, by_shard = count_dropped(decoded)
+    per_epoch = decoded.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return TrainData(per_epoch, shard_uris, cached=True, rows=rows, dropped=dropped, dropped_by_shard=by_shard)
+
+
+def streaming_train_data(uri: str, cfg: Config, seed: int) -> TrainData:
+    """Read and decode every epoch, the file order shuffled per epoch, seeded by (seed, epoch index)."""
+    ds, shard_uris = decoded_images(uri, cfg, shuffle_seed=seed)
+    return TrainData(ds, shard_uris, cached=False)
+
+
+def check_drop_ceiling(rows: int, dropped: int, by_shard: dict[int, int], shard_uris: list[str],
+                       max_fraction: float) -> None:
+    """Raise one TrainingError line when more than max_fraction of the rows did not decode.
+
+    The line names the count, the share, the ceiling and the files with the most drops.
+    """
+    if rows <= 0 or dropped / rows <= max_fraction:
+        return
+    worst = sorted(by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:DROP_EXAMPLE_FILES]
+    names = ", ".join(f"{shard_uris[s] if 0 <= s < len(shard_uris) else '?'} ({c})" for s, c in worst)
+    raise TrainingError(f"{dropped} of {rows} training images ({100 * dropped / rows:.1f}%) did not decode, "
+                        f"above data.max_drop_fraction={max_fraction}; e.g. {names}")
 
 
 def _eval_view(batch: dict, data_cfg: DataConfig) -> dict:
@@ -100,12 +186,6 @@ def _eval_view(batch: dict, data_cfg: DataConfig) -> dict:
     return out
 
 
-def two_view_dataset(ds: "ray.data.Dataset", cfg: Config) -> "ray.data.Dataset":
-    """Decode + two independently augmented views: columns id, ok, view_a, view_b (float32 NCHW)."""
-    return ds.map_batches(_two_views, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size,
-                          batch_format="numpy")
-
-
 def eval_dataset(ds: "ray.data.Dataset", cfg: Config) -> "ray.data.Dataset":
     """Deterministic single view (decode + resize + normalise): columns id, ok, image[, label, uri]."""
     return ds.map_batches(_eval_view, fn_kwargs={"data_cfg": cfg.data}, batch_size=cfg.data.decode_batch_size,
@@ -114,11 +194,12 @@ def eval_dataset(ds: "ray.data.Dataset", cfg: Config) -> "ray.data.Dataset":
 
 @dataclass
 class DropCounter:
-    """Counts rows seen and rows dropped because their bytes did not decode."""
+    """Counts rows seen and rows dropped because their bytes did not decode (per source shard)."""
 
     rows: int = 0
     dropped: int = 0
     dropped_ids: list = field(default_factory=list)
+    by_shard: Counter = field(default_factory=Counter)
     max_ids_kept: int = 100
 
     def filter(self, batch: dict) -> dict:
@@ -135,7 +216,11 @@ class DropCounter:
             room = self.max_ids_kept - len(self.dropped_ids)
             if room > 0:
                 self.dropped_ids.extend(int(i) for i in ids[~ok_np][:room])
-            keep = torch.from_numpy(ok_np) if isinstance(ok, torch.Tensor) else ok_np
+            if "shard" in batch:
+                sh = batch["shard"]
+                sh = sh.cpu().numpy() if isinstance(sh, torch.Tensor) else np.asarray(sh)
+                self.by_shard.update(int(s) for s in sh[~ok_np])
+            keep = torch.from_numpy(ok_np).to(ok.device) if isinstance(ok, torch.Tensor) else ok_np
             return {k: (v[keep] if hasattr(v, "__getitem__") and len(v) == len(ok_np) else v) for k, v in batch.items()}
         return batch
 
@@ -155,17 +240,19 @@ class PipelineStats:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_pass(uri: str, cfg: Config, batch_size: int = 256, two_views: bool = True,
+def pipeline_pass(uri: str, cfg: Config, batch_size: int = 256, two_views_on_consumer: bool = True,
                   progress: bool = True) -> PipelineStats:
-    """One full pass of the decode (+ two-view augment) pipeline; returns counts and rate."""
+    """One full pass of the training input: Ray Data decode to uint8, then (optionally) the
+    two augmented views made in this process, as a training worker makes them."""
     from tqdm import tqdm
 
-    ds = read_images(uri, cfg)
-    ds = two_view_dataset(ds, cfg) if two_views else eval_dataset(ds, cfg)
+    ds, _ = decoded_images(uri, cfg)
     counter = DropCounter()
     t0 = time.perf_counter()
     bar = tqdm(desc="pipeline", unit="img", disable=not progress, mininterval=2.0)
-    for batch in counter.iterate(ds.iter_batches(batch_size=batch_size, batch_format="numpy")):
+    for step, batch in enumerate(counter.iterate(ds.iter_torch_batches(batch_size=batch_size))):
+        if two_views_on_consumer and len(batch["id"]):
+            two_views(batch["image"], cfg.data.augment, cfg.train.seed, 0, step)
         bar.update(len(batch["id"]))
     bar.close()
     return PipelineStats(rows=counter.rows, dropped=counter.dropped, seconds=time.perf_counter() - t0)

@@ -96,21 +96,25 @@ def build_pq_fastscan(codebooks: np.ndarray) -> faiss.IndexIDMap:
     return index
 
 
-def train_coarse_quantizer(train_sample: np.ndarray, nlist: int, seed: int, niter: int = 10) -> faiss.IndexFlatL2:
-    """k-means on a (uniformly drawn) sample (n, D) -> IndexFlatL2 holding nlist centroids."""
+def train_coarse_quantizer(train_sample: np.ndarray, nlist: int, seed: int, niter: int = 10,
+                           gpu: bool = False) -> faiss.IndexFlatL2:
+    """k-means on a (uniformly drawn) sample (n, D) -> IndexFlatL2 holding nlist centroids.
+
+    gpu: run k-means on the GPUs when this FAISS build has them (faiss-gpu); else on the CPU.
+    """
     x = np.ascontiguousarray(train_sample, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < nlist:
         raise ValueError(f"IVF training needs at least nlist={nlist} sample rows, got shape {tuple(x.shape)}")
+    use_gpu = bool(gpu) and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    km = faiss.Kmeans(x.shape[1], nlist, niter=int(niter), seed=int(seed), gpu=use_gpu, verbose=False)
+    km.train(x)
     quantizer = faiss.IndexFlatL2(x.shape[1])
-    clus = faiss.Clustering(x.shape[1], nlist)
-    clus.seed = int(seed)
-    clus.niter = int(niter)
-    clus.train(x, quantizer)
+    quantizer.add(np.ascontiguousarray(km.centroids, dtype=np.float32))
     return quantizer
 
 
 def build_ivf_pq_fastscan(codebooks: np.ndarray, train_sample: np.ndarray, nlist: int, nprobe: int,
-                          seed: int = 0, niter: int = 10) -> faiss.IndexIVFPQFastScan:
+                          seed: int = 0, niter: int = 10, gpu: bool = False) -> faiss.IndexIVFPQFastScan:
     """Empty IVF fast-scan index: coarse quantizer trained on train_sample, PQ = codebooks.
 
     codebooks: (M, 16, d); train_sample: (n, M*d) float32, a uniform random sample of the
@@ -124,7 +128,7 @@ def build_ivf_pq_fastscan(codebooks: np.ndarray, train_sample: np.ndarray, nlist
     dim = m * d
     if train_sample.shape[-1] != dim:
         raise ValueError(f"train_sample has dimension {train_sample.shape[-1]}, codebooks give {dim}")
-    quantizer = train_coarse_quantizer(train_sample, nlist, seed, niter)
+    quantizer = train_coarse_quantizer(train_sample, nlist, seed, niter, gpu)
     index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, m, NBITS)
     index.by_residual = False
     _set_centroids(index.pq, c)

@@ -63,9 +63,10 @@ def run_reindex(images_uri: str, index_root_uri: str, model_uri: str, cfg: Confi
         with mlflow.start_run(experiment_id=exp, run_name=f"reindex-v{summary.model_version}"):
             mlflow.set_tags({"model_version": summary.model_version, "model_uri": loaded.uri,
                              "index_root": redact_uri(index_root_uri), "images_uri": redact_uri(images_uri),
-                             "index_metrics_uri": metrics_uri})
-            nums = {"rows": summary.total_rows, "shards": summary.total_shards,
+                             "snapshot": summary.snapshot, "index_metrics_uri": metrics_uri})
+            nums = {"rows": summary.total_rows, "parts": summary.total_shards,
                     "encoded_rows": summary.encoded_rows, "encoded_shards": summary.encoded_shards,
+                    "resumed_shards": summary.resumed_shards, "removed_shards": summary.removed_shards,
                     "dropped_images": summary.dropped_rows, "build_seconds": summary.seconds,
                     "images_per_s": summary.encoded_rows / max(1e-9, summary.seconds),
                     "bytes_per_image": metrics["bytes_per_image"]}

@@ -1,7 +1,16 @@
-"""One writer per index root: a lease object `<root>/LOCK` with an owner, a token and a TTL.
+"""One writer per index root: a lease object `<root>/lock` with an owner, a token, a fencing
+token and a TTL.
 
-The lock object is JSON {"owner", "token", "expires_at"}; `token` is a random uuid, so
-ownership does not depend on host names or clocks agreeing on anything but expiry.
+The lock object is JSON {"owner", "token", "fence", "expires_at"}; `token` is a random uuid,
+so ownership does not depend on host names or clocks agreeing on anything but expiry.
+`fence` grows with every acquisition (max of the taken-over lease's fence + 1 and the clock
+in milliseconds); snapshots record their writer's fence, and the publish step refuses to
+replace a snapshot written under a larger fence.
+
+Fencing: the writer calls `ensure_held()` right before it writes a snapshot and right before
+it flips CURRENT; a lease that was taken over, expired, or could not be renewed (the
+heartbeat failed) stops the writer with `lost the index lock to <owner>`. The residual
+window is the time between that check and the write (milliseconds against a TTL of minutes).
 
 How creation is made exclusive:
 - local roots: `os.open(O_CREAT | O_EXCL)`; taking over an expired lock renames it to a
@@ -39,7 +48,7 @@ from sscq_dist.storage import Location
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "LOCK"
+LOCK_NAME = "lock"
 
 
 def _fmt(ts: float) -> str:
@@ -84,9 +93,12 @@ class IndexLock:
         self.owner = owner
         self.ttl_s = float(ttl_s)
         self.token = uuid.uuid4().hex
+        self.fence = 0
         self.expires_at = 0.0
         self.held = False
         self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._lost_to = ""  # who holds the lease now, or why it could not be renewed
         self._beat: Optional[threading.Thread] = None
         # The heartbeat and the writer's own refresh must not race: both would send
         # If-Match with the same etag and the loser would think the lock was taken.
@@ -96,7 +108,9 @@ class IndexLock:
 
     def acquire(self) -> "IndexLock":
         """Take the lock, or raise IndexError_ naming the current holder."""
+        previous_fence = 0
         for _ in range(3):  # a takeover that loses a race retries against the winner
+            self.fence = max(previous_fence + 1, int(time.time() * 1000))
             try:
                 self._create(self._payload())
             except _Held:
@@ -109,6 +123,7 @@ class IndexLock:
                 log.warning("taking over the lock of %s (expires %s, holder alive: %s) on %s",
                             current["owner"], _fmt(current["expires_at"]), not _holder_dead(current),
                             self.root.uri)
+                previous_fence = max(previous_fence, current.get("fence", 0))
                 self._remove_if(current)
                 continue
             mine = self._read()
@@ -129,6 +144,25 @@ class IndexLock:
                                   f"(now held by {holder}); stop writing")
             self._replace(self._payload(), current)
 
+    def raise_if_lost(self) -> None:
+        """Cheap check for the build loop: did the heartbeat find the lease gone?"""
+        if self._lost.is_set():
+            raise IndexError_(f"lost the index lock to {self._lost_to}; stopped without publishing")
+
+    def ensure_held(self) -> None:
+        """Fencing check right before a publish write: the lease is still ours and unexpired."""
+        self.raise_if_lost()
+        current = self._read()
+        if current is None or current["token"] != self.token:
+            self._mark_lost(current["owner"] if current else "nobody (the lease was removed)")
+        elif current["expires_at"] <= time.time():
+            self._mark_lost("nobody (the lease expired before it was renewed)")
+        self.raise_if_lost()
+
+    def _mark_lost(self, holder: str) -> None:
+        self._lost_to = holder
+        self._lost.set()
+
     def release(self) -> None:
         """Delete the lock if its token is ours; otherwise refuse (someone took it over)."""
         current = self._read()
@@ -146,8 +180,18 @@ class IndexLock:
             while not self._stop.wait(self.ttl_s / 3):
                 try:
                     self.refresh()
-                except Exception as exc:  # the main loop's own refresh reports a lost lock
-                    log.warning("lock heartbeat failed: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - any failure to renew ends this writer
+                    current = None
+                    try:
+                        current = self._read()
+                    except Exception:  # noqa: BLE001 - storage unreachable: say why instead
+                        pass
+                    if current is not None and current["token"] != self.token:
+                        self._mark_lost(current["owner"])
+                    else:
+                        self._mark_lost(f"nobody (the lease could not be renewed: {str(exc)[:200]})")
+                    log.warning("index lock heartbeat failed; this writer stops: %s", exc)
+                    return
         self._beat = threading.Thread(target=beat, name="index-lock-heartbeat", daemon=True)
         self._beat.start()
 
@@ -160,6 +204,9 @@ class IndexLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
+        if self._lost.is_set():  # the lease is someone else's now (or lapsed): nothing of ours to release
+            self.held = False
+            return
         try:
             self.release()
         except Exception as rel_exc:  # noqa: BLE001 - e.g. storage unreachable: the lease expires
@@ -171,8 +218,9 @@ class IndexLock:
 
     def _payload(self) -> bytes:
         self.expires_at = time.time() + self.ttl_s
-        return json.dumps({"owner": self.owner, "token": self.token, "expires_at": self.expires_at,
-                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        return json.dumps({"owner": self.owner, "token": self.token, "fence": self.fence,
+                           "expires_at": self.expires_at, "host": socket.gethostname(),
+                           "pid": os.getpid()}).encode()
 
     def _s3_call(self, op: str, **kwargs):
         """One S3 call on the lock object, retried (bounded) only while the endpoint does not answer;
@@ -285,14 +333,15 @@ class IndexLock:
 def _parse(body: bytes, uri: str) -> dict:
     try:
         data = json.loads(body)
-        out = {"owner": str(data["owner"]), "token": str(data["token"]), "expires_at": float(data["expires_at"])}
+        out = {"owner": str(data["owner"]), "token": str(data["token"]), "expires_at": float(data["expires_at"]),
+               "fence": int(data.get("fence", 0))}
         if isinstance(data.get("host"), str) and isinstance(data.get("pid"), int):
             out["host"], out["pid"] = data["host"], data["pid"]
         return out
     except (ValueError, KeyError, TypeError):
         # An unreadable lock blocks nobody forever: treat it as expired.
         log.warning("lock object %s is not valid lock JSON; treating it as expired", uri)
-        return {"owner": "<unreadable lock>", "token": "", "expires_at": 0.0}
+        return {"owner": "<unreadable lock>", "token": "", "expires_at": 0.0, "fence": 0}
 
 
 def _s3(loc: Location):

@@ -10,7 +10,7 @@ import numpy as np
 
 from sscq_dist.config import Config
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.manifest import version_loc
+from sscq_dist.indexing.formats import METRICS_FILE, version_loc
 from sscq_dist.storage import atomic_write_bytes, resolve
 
 KS = (1, 10, 100)
@@ -27,12 +27,10 @@ def index_metrics(index_root_uri: str, cfg: Config, model, queries: np.ndarray,
     from sscq_dist.search import Searcher
 
     searcher = Searcher.open(index_root_uri, cfg.storage, cache_dir=cache_dir)
-    m = searcher.manifest
-    out = {"model_version": m.model_version, "index_type": m.index_type, "index_params": m.index_params,
-           "rows": m.total_rows, "shards": len(m.index_shards),
-           "index_bytes": int(sum(x.bytes for x in m.index_shards)),
-           "idmap_bytes": int(sum(x.idmap_bytes for x in m.index_shards)),
-           "num_queries": int(len(queries))}
+    m = searcher.snapshot
+    out = {"model_version": m.model_version, "snapshot": m.name, "index_type": m.index_type,
+           "index_params": m.index_params, "rows": m.total_rows, "parts": len(m.parts),
+           "index_bytes": int(m.index_bytes), "idmap_bytes": int(m.ids_bytes), "num_queries": int(len(queries))}
     out["bytes_per_image"] = out["index_bytes"] / max(1, m.total_rows)
     if len(queries) == 0 or m.total_rows == 0:
         return out
@@ -44,8 +42,8 @@ def index_metrics(index_root_uri: str, cfg: Config, model, queries: np.ndarray,
         out["reference"] = f"skipped: {m.total_rows} rows > index.metrics_max_rows"
         return out
     ids_all, codes_all = [], []
-    for shard in searcher.shards:
-        ids, codes = fi.index_codes(shard)
+    for part in searcher.parts:
+        ids, codes = fi.index_codes(part)
         ids_all.append(ids)
         codes_all.append(codes)
     codebooks = model.quantizer.codebooks.detach().cpu().float().numpy()
@@ -88,6 +86,6 @@ def tie_aware_recall(served_dist: np.ndarray, kth_ref_dist: np.ndarray, rtol: fl
 
 def write_index_metrics(index_root_uri: str, cfg: Config, version: str, metrics: dict) -> str:
     """Atomically write <root>/models/<version>/index_metrics.json; returns its URI."""
-    loc = version_loc(resolve(index_root_uri, cfg.storage), version).join("index_metrics.json")
+    loc = version_loc(resolve(index_root_uri, cfg.storage), version).join(METRICS_FILE)
     atomic_write_bytes(loc, json.dumps(metrics, indent=1, default=float).encode())
     return loc.uri

@@ -1,10 +1,12 @@
 """Randomly initialised CNN encoders (never pretrained weights; SPEC section 4).
 
-`build_backbone(name, channels)` returns `(module, feature_dim)`; the module maps
+`build_backbone(name, channels, width)` returns `(module, feature_dim)`; the module maps
 (N, C, H, W) float32 images to (N, feature_dim) features.
 
 - `small_cnn`: a few conv-BN-ReLU blocks for 28 px grey images; adaptive pooling, so any
-  size >= 8 px works. Cheap enough to train the digits demo on two CPU cores.
+  size >= 8 px works. Cheap enough to train the digits demo on two CPU cores. `width`
+  (model.width) multiplies every block's channels: the encoder capacity knob for small
+  images (compute grows with width squared).
 - `resnet18_cifar`: torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (32 px).
 - `resnet50`: torchvision ResNet-50 (224 px), first conv adapted to the input channels.
 """
@@ -28,11 +30,12 @@ class SmallCNN(nn.Module):
     Input (N, C, H, W), output (N, SMALL_CNN_BLOCKS[-1][0]).
     """
 
-    def __init__(self, channels: int, blocks: tuple[tuple[int, int], ...] = SMALL_CNN_BLOCKS):
+    def __init__(self, channels: int, blocks: tuple[tuple[int, int], ...] = SMALL_CNN_BLOCKS, width: float = 1.0):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = channels
-        for c_out, stride in blocks:
+        for c, stride in blocks:
+            c_out = max(8, int(round(c * width)))
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
                 nn.BatchNorm2d(c_out),
@@ -72,12 +75,17 @@ def _resnet50(channels: int) -> tuple[nn.Module, int]:
     return net, dim
 
 
-def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
-    """Backbone module and its feature dimension for `name` and `channels` input planes."""
+def build_backbone(name: str, channels: int, width: float = 1.0) -> tuple[nn.Module, int]:
+    """Backbone module and its feature dimension for `name` and `channels` input planes.
+
+    width: channel multiplier of small_cnn (the ResNets have their published widths).
+    """
     if channels < 1:
         raise ConfigError(f"backbone input channels must be >= 1, got {channels}")
+    if width <= 0:
+        raise ConfigError(f"backbone width must be > 0, got {width}")
     if name == "small_cnn":
-        net = SmallCNN(channels)
+        net = SmallCNN(channels, width=width)
         return net, net.out_dim
     if name == "resnet18_cifar":
         return _resnet18_cifar(channels)

@@ -44,7 +44,7 @@ class SSCQModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.channels = channels
-        self.backbone, backbone_dim = build_backbone(cfg.backbone, channels)
+        self.backbone, backbone_dim = build_backbone(cfg.backbone, channels, cfg.width)
         m, d = cfg.num_codebooks, cfg.codeword_dim
         if m < 1:
             raise ConfigError(f"model.bits={cfg.bits} gives no codebook for K={cfg.num_codewords}")

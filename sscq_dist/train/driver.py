@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from sscq_dist.config import Config
-from sscq_dist.data.pipeline import read_images, two_view_dataset
+from sscq_dist.data.pipeline import TrainData, cached_train_data, check_drop_ceiling, streaming_train_data
 from sscq_dist.data.schema import validate_shards
 from sscq_dist.errors import SSCQError, TrainingError
 from sscq_dist.storage import Location, atomic_write_bytes, read_bytes, resolve, exists
@@ -146,17 +146,23 @@ def _start_or_resume_run(cfg: Config, uri: str) -> tuple[str, str, bool]:
     return ray_name, run.info.run_id, False
 
 
-def train_dataset(cfg: Config, rows: int):
-    """(dataset, single_stream): all epochs in one stream when the set fits the decode cache."""
-    from sscq_dist.data.pipeline import cached_epochs_dataset
+def train_data(cfg: Config, rows: int) -> TrainData:
+    """The training input: cached (decoded once, materialised) when the set has at most
+    data.cache_max_rows rows, else streamed and decoded every epoch.
 
-    source = read_images(cfg.data.train_uri, cfg)
+    The cached path counts undecodable rows here, before any worker starts, and stops
+    above data.max_drop_fraction; the streaming path is checked by the workers.
+    """
     if rows <= cfg.data.cache_max_rows:
-        return cached_epochs_dataset(source, cfg, cfg.train.epochs, cfg.train.seed), True
-    return two_view_dataset(source.randomize_block_order(seed=cfg.train.seed), cfg), False
+        td = cached_train_data(cfg.data.train_uri, cfg, cfg.train.seed)
+        log.info("training data cached: %d rows, %d undecodable, %.1f MB in the object store",
+                 td.rows, td.dropped, td.dataset.size_bytes() / 1e6)
+        check_drop_ceiling(td.rows, td.dropped, td.dropped_by_shard, td.shard_uris, cfg.data.max_drop_fraction)
+        return td
+    return streaming_train_data(cfg.data.train_uri, cfg, cfg.train.seed)
 
 
-def build_trainer(cfg: Config, ray_name: str, loop_config: dict, rows: int):
+def build_trainer(cfg: Config, ray_name: str, loop_config: dict, data: TrainData):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -165,8 +171,7 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, rows: int):
     root = _storage_root(cfg)
     if not root.is_s3:
         os.makedirs(root.path, exist_ok=True)
-    dataset, single_stream = train_dataset(cfg, rows)
-    loop_config = {**loop_config, "single_stream": single_stream}
+    loop_config = {**loop_config, "shard_uris": data.shard_uris}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -179,7 +184,7 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, rows: int):
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
         ),
-        datasets={TRAIN_DATASET: dataset},
+        datasets={TRAIN_DATASET: data.dataset},
     )
 
 
@@ -200,14 +205,16 @@ def run_training(cfg: Config, address: Optional[str] = None) -> TrainResult:
     t0 = time.perf_counter()
     rows = count_rows(cfg.data.train_uri, cfg)
     spe = steps_per_epoch(rows, cfg)
+    init_ray(cfg, address)
+    # The input first: a cached set's drop ceiling stops here, before an MLflow run exists.
+    data = train_data(cfg, rows)
     uri = configure(cfg.tracking)
     ray_name, run_id, resumed = _start_or_resume_run(cfg, uri)
-    init_ray(cfg, address)
     log.info("training %s: %d rows, %d steps/epoch x %d epochs, %d workers, ZeRO %d%s",
              ray_name, rows, spe, cfg.train.epochs, cfg.train.num_workers, cfg.train.zero_stage,
              " (resumed)" if resumed else "")
     trainer = build_trainer(cfg, ray_name, {"cfg": cfg.to_dict(), "steps_per_epoch": spe,
-                                            "run_id": run_id, "tracking_uri": uri}, rows)
+                                            "run_id": run_id, "tracking_uri": uri}, data)
     try:
         result = trainer.fit()
     except Exception as exc:

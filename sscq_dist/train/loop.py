@@ -1,32 +1,46 @@
 """The per-worker training function: Ray Train worker + DeepSpeed engine + SSCQ objective.
 
-Runs on every worker. Reads its data only through `ray.train.get_dataset_shard("train")`.
-Checkpoint per epoch: every rank saves its DeepSpeed part and its neighbour-bank shard,
-then `ray.train.report(metrics, checkpoint)`; a restarted worker group resumes from it.
+Runs on every worker. Reads its data only through `ray.train.get_dataset_shard("train")`:
+uint8 images (N, H, W, C), moved to the worker's device, where `two_views` makes the two
+augmented views (SPEC section 4). One `iter_torch_batches` per epoch: one Ray Data
+execution per epoch, whose block order and local shuffle are seeded by (seed, epoch).
+
+Checkpoints: every rank saves its DeepSpeed part and its neighbour-bank shard, then
+`ray.train.report(metrics, checkpoint)`, at the end of every `train.checkpoint_every_epochs`
+epochs and, with `train.checkpoint_every_steps` = N > 0, every N global steps inside an
+epoch too. A restarted worker group resumes from the latest one (`resume_position`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from sscq_dist.config import Config, from_dict
-from sscq_dist.data.pipeline import DropCounter
+from sscq_dist.config import Config, TrainConfig, from_dict
+from sscq_dist.data.pipeline import DropCounter, check_drop_ceiling
 
 log = logging.getLogger(__name__)
 
 TRAIN_DATASET = "train"
 BANK_FILE = "bank_rank{rank}.pt"
-CLIENT_STATE_KEYS = ("epoch", "global_step", "images_seen")
+CLIENT_STATE_KEYS = ("epoch", "step_in_epoch", "global_step", "images_seen", "seed")
 LOSS_TERMS = ("icf", "icz", "cc", "pn", "cd")
-
+# Source files with drops that each rank contributes to the drop-ceiling error line.
+DROP_EXAMPLES_PER_RANK = 3
+# Ray Train's controller collects reported checkpoints when it polls the workers (every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s); a checkpoint reported less than a poll
+# before a worker dies is lost. After a step checkpoint the worker waits this many polls.
+REPORT_POLLS_WAITED = 1.5
 
 def lr_lambda(warmup_steps: int, total_steps: int):
     """Linear warm-up to 1, then cosine decay to 0 (multiplier for the base lr)."""
@@ -38,8 +52,12 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
-def deepspeed_config(cfg: Config, local_batch: int, bf16: bool) -> dict:
-    """DeepSpeed engine config: ZeRO stage, clipping, precision from our config."""
+def deepspeed_config(cfg: Config, local_batch: int) -> dict:
+    """DeepSpeed engine config: ZeRO stage and clipping from our config.
+
+    Weights stay fp32 in the engine; bf16 is torch autocast around the forward pass
+    (`Precision`), so the fp32 master weights and the losses keep full precision.
+    """
     return {
         "train_micro_batch_size_per_gpu": local_batch,
         "gradient_accumulation_steps": 1,
@@ -48,7 +66,7 @@ def deepspeed_config(cfg: Config, local_batch: int, bf16: bool) -> dict:
         "zero_optimization": {"stage": cfg.train.zero_stage},
         # Our optimizer is torch's Adam (DeepSpeed's fused Adam needs CUDA).
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": False},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -77,12 +95,90 @@ def _equalise_batch(batch: dict, world: int, device: torch.device) -> Optional[d
     return {k: v[:n] for k, v in batch.items()}
 
 
+@dataclass
+class Precision:
+    """What the worker runs with, resolved from the config for its device.
+
+    bf16: forward pass under torch.autocast(bfloat16); channels_last: model and views in
+    channels-last memory format; compile: `nn.Module.compile()` (torch.compile in place,
+    so state-dict keys and checkpoints do not change).
+    """
+
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+
+def resolve_precision(t: TrainConfig, device: torch.device) -> Precision:
+    """None (auto) = on for CUDA devices (bf16 only where the GPU supports it), off on CPU.
+
+    Off on CPU because each measured slower or no faster there (BENCHMARKS.md); true forces
+    a switch on any device (all three are legal on CPU, which is how the tests run them).
+    """
+    cuda = device.type == "cuda"
+
+    def pick(v: Optional[bool], auto: bool) -> bool:
+        return auto if v is None else bool(v)
+
+    return Precision(bf16=pick(t.bf16, cuda and torch.cuda.is_bf16_supported()),
+                     channels_last=pick(t.channels_last, cuda), compile=pick(t.compile, cuda))
+
+
+def autocast(device: torch.device, precision: Precision):
+    """bf16 autocast for the forward pass when switched on, else a no-op context."""
+    if not precision.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class ResumePosition:
+    """Where a run continues: epoch, steps of it already trained, global step, images seen."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    images_seen: int = 0
+
+
+def resume_position(client_state: dict, steps_per_epoch: int) -> ResumePosition:
+    """The position to continue from, given a checkpoint's client state.
+
+    An epoch-end checkpoint (step_in_epoch == steps_per_epoch, or a checkpoint written
+    before step checkpoints existed) continues at the next epoch, step 0. A step
+    checkpoint of epoch e after k steps continues epoch e at step k: the model, optimiser,
+    lr schedule (global step) and neighbour bank are restored exactly, and the views of
+    every later step are too (their generator is seeded by (seed, rank, global step)).
+
+    The data position is approximated: the resumed epoch trains its remaining
+    steps_per_epoch - k steps on a fresh pass over the data in a new seeded order, not on
+    the rows the lost pass had not reached yet. Exact replay is not possible here because
+    Ray Data's streaming split hands blocks to workers in arrival order. For SGD this is
+    sound: every batch is still a uniform random sample of the training set, so each step's
+    gradient stays an unbiased estimate and the step count and lr schedule are exact; the
+    cost is that in that one epoch some images are seen twice and others not at all
+    (k / steps_per_epoch of an epoch sampled with replacement). At most the steps since
+    the last checkpoint (one interval) are trained again.
+    """
+    epoch = int(client_state["epoch"])
+    step = int(client_state.get("step_in_epoch", steps_per_epoch))
+    if step >= steps_per_epoch:
+        epoch, step = epoch + 1, 0
+    return ResumePosition(epoch, step, int(client_state["global_step"]), int(client_state["images_seen"]))
+
+
+def epoch_shuffle_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the worker's local shuffle buffer in one epoch."""
+    return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train entry: loop_config = {"cfg": Config dict, "steps_per_epoch": int, "run_id": str|None,
-    "tracking_uri": str|None}."""
+    "tracking_uri": str|None, "shard_uris": list of source file URIs (index = the stream's `shard`)}."""
     import deepspeed
     import ray.train
 
+    from sscq_dist.data.augment import two_views
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model, convert_sync_batchnorm
     from sscq_dist.neighbor_bank import NeighborBank
@@ -90,18 +186,21 @@ def train_func(loop_config: dict) -> None:
 
     cfg: Config = from_dict(loop_config["cfg"])
     steps_per_epoch: int = loop_config["steps_per_epoch"]
+    shard_uris: list = loop_config.get("shard_uris") or []
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    bf16 = use_gpu and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(cfg.train, device)
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DeepSpeed broadcasts anyway
     model = build_model(cfg.model, cfg.data.channels)
     if use_gpu and cfg.model.sync_batchnorm and world > 1:
         model = convert_sync_batchnorm(model)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     objective = SSCQObjective(cfg.loss, cfg.model)
     local_batch = cfg.train.global_batch_size // world
     bank = None
@@ -114,21 +213,23 @@ def train_func(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, local_batch, bf16), dist_init_required=False)
+        config=deepspeed_config(cfg, local_batch), dist_init_required=False)
+    if precision.compile:
+        engine.module.compile()  # in place: parameter names (checkpoints) unchanged
 
-    start_epoch, global_step, images_seen = 0, 0, 0
+    pos = ResumePosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag="sscq")
-            start_epoch = int(client_state["epoch"]) + 1
-            global_step = int(client_state["global_step"])
-            images_seen = int(client_state["images_seen"])
+            pos = resume_position(client_state, steps_per_epoch)
             if bank is not None:
                 bank.load_state_dict(torch.load(os.path.join(ckpt_dir, BANK_FILE.format(rank=rank)),
                                                 map_location=device, weights_only=True))
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {start_epoch} (step {global_step})", flush=True)
+            print(f"[train] resumed from a checkpoint: epoch {pos.epoch + 1} step {pos.step_in_epoch} "
+                  f"(global step {pos.global_step})", flush=True)
+    global_step, images_seen = pos.global_step, pos.images_seen
 
     logger = None
     if rank == 0 and loop_config.get("run_id"):
@@ -136,35 +237,37 @@ def train_func(loop_config: dict) -> None:
                            request_timeout_s=cfg.tracking.request_timeout_s)
 
     shard = ray.train.get_dataset_shard(TRAIN_DATASET)
-    in_dtype = torch.bfloat16 if bf16 else torch.float32
     k = cfg.model.num_codewords
-    # Small sets: one Ray Data execution streams every epoch (decoded once, augmented per
-    # pass), so no epoch pays the pipeline start-up. Large sets: one execution per epoch.
-    single_stream = bool(loop_config.get("single_stream"))
+    every = cfg.train.checkpoint_every_steps
 
-    def new_stream():
-        return iter(shard.iter_torch_batches(
+    def save_and_report(metrics: dict, epoch: int, step_in_epoch: int) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="sscq", client_state={
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "images_seen": images_seen, "seed": cfg.train.seed})
+            if bank is not None:
+                torch.save(bank.state_dict(), os.path.join(tmp, BANK_FILE.format(rank=rank)))
+            if world > 1:
+                dist.barrier()  # every rank's part is on disk before the report
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    for epoch in range(pos.epoch, cfg.train.epochs):
+        first_step = pos.step_in_epoch if epoch == pos.epoch else 0
+        # One execution per epoch; its block order is seeded by (seed, epoch) in the dataset.
+        stream = iter(shard.iter_torch_batches(
             batch_size=local_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None))
-
-    stream = new_stream() if single_stream else None
-    if single_stream and start_epoch:
-        # A resumed run's single stream still starts at pass 0: skip the passes already trained.
-        for _ in _take(stream, start_epoch * steps_per_epoch):
-            pass
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if not single_stream:
-            stream = new_stream()
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=epoch_shuffle_seed(cfg.train.seed, rank, epoch) if cfg.data.shuffle_buffer else None))
         engine.train()
         use_bank = bank is not None and epoch >= cfg.bank.warmup_epochs
         drops = DropCounter()
         sums = {t: 0.0 for t in LOSS_TERMS + ("total",)}
         usage = torch.zeros(cfg.model.num_codebooks, k, device=device)
         steps = 0
-        data_wait = compute = 0.0
+        data_wait = augment_s = checkpoint_s = 0.0
         epoch_t0 = time.perf_counter()
         t_ready = time.perf_counter()
-        for raw in _take(stream, steps_per_epoch):
+        for raw in _take(stream, steps_per_epoch - first_step):
             t_data = time.perf_counter()
             data_wait += t_data - t_ready
             batch = _equalise_batch(drops.filter(raw), world, device)
@@ -172,8 +275,12 @@ def train_func(loop_config: dict) -> None:
                 t_ready = time.perf_counter()
                 continue
             n = len(batch["id"])
-            views = torch.cat([batch["view_a"], batch["view_b"]]).to(in_dtype)
-            out = engine(views)
+            views = two_views(batch["image"], cfg.data.augment, cfg.train.seed, rank, global_step,
+                              channels_last=precision.channels_last)
+            t_aug = time.perf_counter()
+            augment_s += t_aug - t_data
+            with autocast(device, precision):
+                out = engine(views)
             out_a, out_b = _split(out, n)
             losses = objective(out_a, out_b, _codebooks(engine), bank=bank, use_bank=use_bank)
             _check_finite(losses, global_step, epoch, world, device)
@@ -189,20 +296,35 @@ def train_func(loop_config: dict) -> None:
             for t in sums:
                 sums[t] += float(losses[t].detach())
             t_ready = time.perf_counter()
-            compute += t_ready - t_data
+            rate = n * world * steps / max(1e-9, t_ready - epoch_t0 - checkpoint_s)
             if logger and global_step % cfg.train.log_every_steps == 0:
                 logger.log_metrics({**{f"loss/{t}": float(losses[t].detach()) for t in sums},
-                                    "lr": scheduler.get_last_lr()[0],
-                                    "images_per_s": n * world * steps / max(1e-9, t_ready - epoch_t0),
+                                    "lr": scheduler.get_last_lr()[0], "images_per_s": rate,
                                     "codeword_entropy": float(losses["codeword_entropy"])}, step=global_step)
             if rank == 0 and global_step % cfg.train.log_every_steps == 0:
-                print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {steps}/{steps_per_epoch} "
-                      f"loss {float(losses['total'].detach()):.4f} "
-                      f"{n * world * steps / max(1e-9, t_ready - epoch_t0):.0f} img/s", flush=True)
-        epoch_s = time.perf_counter() - epoch_t0
+                print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {first_step + steps}/{steps_per_epoch} "
+                      f"loss {float(losses['total'].detach()):.4f} {rate:.0f} img/s", flush=True)
+            if every and global_step % every == 0 and first_step + steps < steps_per_epoch:
+                t_ck = time.perf_counter()
+                _check_drops(drops, shard_uris, cfg.data.max_drop_fraction, world, device)
+                save_and_report({"epoch": epoch, "step_in_epoch": first_step + steps, "global_step": global_step,
+                                 "images_seen": images_seen}, epoch, first_step + steps)
+                # Let the controller register it before training moves on, so a failure after
+                # this point repeats at most the next interval (measured: without the wait a
+                # kill 1 s after a checkpoint resumed from the one before it).
+                time.sleep(REPORT_POLLS_WAITED * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
+                if rank == 0:
+                    print(f"[train] step checkpoint: epoch {epoch + 1} step {first_step + steps} "
+                          f"(global step {global_step})", flush=True)
+                checkpoint_s += time.perf_counter() - t_ck
+                t_ready = time.perf_counter()
+        epoch_s = time.perf_counter() - epoch_t0 - checkpoint_s
+        _check_drops(drops, shard_uris, cfg.data.max_drop_fraction, world, device)
         metrics = _epoch_metrics(sums, steps, usage, drops, data_wait, epoch_s, world, device)
-        metrics.update(epoch=epoch, global_step=global_step, images_seen=images_seen,
+        metrics.update(epoch=epoch, step_in_epoch=steps_per_epoch, global_step=global_step,
+                       images_seen=images_seen, resumed_at_step=first_step,
                        images_per_s=steps * cfg.train.global_batch_size / max(1e-9, epoch_s),
+                       augment_fraction=augment_s / max(1e-9, epoch_s),
                        lr=scheduler.get_last_lr()[0], bank_active=float(use_bank))
         if logger:
             logger.log_metrics({f"epoch/{k_}": v for k_, v in metrics.items() if k_ not in ("epoch", "fatal")},
@@ -210,14 +332,7 @@ def train_func(loop_config: dict) -> None:
             logger.flush()
         last = epoch + 1 == cfg.train.epochs
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag="sscq", client_state={
-                    "epoch": epoch, "global_step": global_step, "images_seen": images_seen})
-                if bank is not None:
-                    torch.save(bank.state_dict(), os.path.join(tmp, BANK_FILE.format(rank=rank)))
-                if world > 1:
-                    dist.barrier()  # every rank's part is on disk before the report
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            save_and_report(metrics, epoch, steps_per_epoch)
         else:
             ray.train.report(metrics)
         if rank == 0:
@@ -227,6 +342,35 @@ def train_func(loop_config: dict) -> None:
                   flush=True)
     if logger:
         logger.close(cfg.tracking.final_flush_s)
+
+
+def _check_drops(drops: DropCounter, shard_uris: list, max_fraction: float, world: int,
+                 device: torch.device) -> None:
+    """Stop every rank together when the epoch's undecodable share is above the ceiling.
+
+    Ranks sum their row and drop counts; only when the ceiling is crossed do they gather
+    their worst source files (DROP_EXAMPLES_PER_RANK each) for the one-line error.
+    """
+    counts = torch.tensor([float(drops.rows), float(drops.dropped)], device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    rows, dropped = int(counts[0]), int(counts[1])
+    if rows == 0 or dropped / rows <= max_fraction:
+        return
+    worst = drops.by_shard.most_common(DROP_EXAMPLES_PER_RANK)
+    mine = torch.full((DROP_EXAMPLES_PER_RANK, 2), -1.0, device=device)
+    for i, (s, c) in enumerate(worst):
+        mine[i, 0], mine[i, 1] = float(s), float(c)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    if world > 1:
+        dist.all_gather(parts, mine)
+    else:
+        parts = [mine]
+    by_shard: dict[int, int] = {}
+    for row in torch.cat(parts).tolist():
+        if row[0] >= 0:
+            by_shard[int(row[0])] = by_shard.get(int(row[0]), 0) + int(row[1])
+    check_drop_ceiling(rows, dropped, by_shard, shard_uris, max_fraction)
 
 
 def _take(stream, n: int):

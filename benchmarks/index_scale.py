@@ -1,0 +1,239 @@
+"""How the reindex's costs grow with source shards: the scale-out design vs the previous one.
+
+Tiny 8x8 images, random int64 ids (every shard's id range overlaps every other's, the
+worst case for the duplicate-id check), `--rows` rows per shard, S = `--shards` source
+shards on local storage, a random 32-bit model (the rate does not depend on the weights).
+For each S, in one run on one machine:
+
+- full build: wall seconds, start-up (until the first part record), seconds per shard
+  after start-up, metadata bytes written per shard (records + snapshot + CURRENT), bytes the
+  driver receives per image, seconds per stage;
+- "nothing to do": a rerun over the same S shards;
+- at the largest S: appending `--append` shards (a new snapshot generation), with its stages.
+
+The previous design (commit `--baseline-commit`: one manifest.json rewritten after every
+shard, embeddings streamed to the driver) runs at S in `--baseline-shards` in a subprocess
+on its own extracted copy of the package (`git archive`), measured the same way: bytes its
+driver loop received (the batches' array bytes) and manifest bytes written (every rewrite).
+
+    python benchmarks/index_scale.py                     # S = 100, 1000, 5000; baseline at 100, 1000
+    python benchmarks/index_scale.py --smoke             # seconds: S = 8, 24; baseline at 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import bench_setup as bs  # noqa: E402
+
+BASELINE_COMMIT = "cf6198d"  # the last commit with the manifest.json design
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 5000])
+    p.add_argument("--baseline-shards", type=int, nargs="*", default=[100, 1000])
+    p.add_argument("--baseline-commit", default=BASELINE_COMMIT)
+    p.add_argument("--rows", type=int, default=20, help="rows per source shard")
+    p.add_argument("--append", type=int, default=10, help="shards appended to the largest version")
+    p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.shards, a.baseline_shards, a.rows, a.append = [8, 24], [8], 10, 2
+    a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
+    a.json = a.json or os.path.join(a.out, "index_scale.json")
+    return a
+
+
+def write_shards(folder: str, first: int, count: int, rows: int, rng: np.random.Generator) -> None:
+    """Shards part-<first>.. of random 8x8 PNGs with random int64 ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sscq_dist.data.schema import IMAGE_SCHEMA
+    from sscq_dist.ingest import png_bytes
+
+    os.makedirs(folder, exist_ok=True)
+    pngs = [png_bytes(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(64)]
+    for s in range(first, first + count):
+        ids = rng.integers(0, 2 ** 62, size=rows, dtype=np.int64)
+        t = pa.table({"id": pa.array(ids, pa.int64()), "image": [pngs[i % 64] for i in range(rows)],
+                      "uri": [f"mem://{i}" for i in ids], "label": pa.nulls(rows, pa.list_(pa.int32()))},
+                     schema=IMAGE_SCHEMA)
+        pq.write_table(t, os.path.join(folder, f"part-{s:05d}.parquet"))
+
+
+def tree_bytes(root: str) -> dict:
+    """Bytes under an index root by kind: metadata (JSON records, snapshots, manifests, CURRENT) vs data."""
+    meta = data = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            n = os.path.getsize(os.path.join(d, f))
+            if f.endswith(".json") or f == "CURRENT":
+                meta += n
+            else:
+                data += n
+    return {"metadata": meta, "data": data}
+
+
+def run_new(images: str, root: str, model: str, cfg) -> dict:
+    from sscq_dist.indexing.reindex import reindex
+
+    t0 = time.perf_counter()
+    s = reindex(images, root, model, cfg, progress=False)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "encoded_shards": s.encoded_shards, "rows": s.total_rows, "parts": s.total_shards,
+            "stages": s.stage_seconds, "driver_bytes": s.driver_received_bytes, "ids_checked": s.ids_checked,
+            "nothing_to_do": s.nothing_to_do}
+
+
+BASELINE_SCRIPT = r"""
+import json, os, sys, time
+import numpy as np
+import ray
+from sscq_dist.config import load_config
+from sscq_dist.indexing import manifest as man, reindex as rx
+import torch
+from sscq_dist.model import build_model
+from sscq_dist.registry import write_model_dir
+images, root, model, cfg_path = sys.argv[1:5]
+cfg = load_config(cfg_path, sys.argv[5:])
+torch.manual_seed(0)  # the same random model as the new design's, written by the old package
+write_model_dir(model, build_model(cfg.model, cfg.data.channels).state_dict(), cfg)
+written = {"manifest_bytes": 0, "driver_bytes": 0}
+orig_write = man.write_manifest
+def counting_write(r, m):
+    written["manifest_bytes"] += len(m.to_json().encode())
+    return orig_write(r, m)
+rx.write_manifest = counting_write
+orig_stream = rx.encode_stream
+def counting_stream(*a, **k):
+    for b in orig_stream(*a, **k):
+        written["driver_bytes"] += sum(np.asarray(v).nbytes for v in b.values())
+        yield b
+rx.encode_stream = counting_stream
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+out = {}
+for name in ("build", "nothing"):
+    t0 = time.perf_counter()
+    s = rx.reindex(images, root, model, cfg, progress=False)
+    out[name] = {"wall_s": time.perf_counter() - t0, "encoded_shards": s.encoded_shards, "rows": s.total_rows,
+                 **({} if name == "nothing" else dict(written))}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_baseline(commit: str, images: str, root: str, model: str, cfg_path: str, overrides: list) -> dict:
+    """The previous design on the same shards, from its own extracted package."""
+    pkg = tempfile.mkdtemp(prefix="sscq-baseline-")
+    try:
+        archive = subprocess.run(["git", "-C", bs.REPO, "archive", commit, "sscq_dist"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", pkg], input=archive, check=True)
+        env = dict(os.environ, PYTHONPATH=pkg)
+        proc = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, images, root, model, cfg_path, *overrides],
+                              env=env, capture_output=True, text=True, cwd=pkg)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"baseline failed ({proc.returncode}): " + proc.stderr[-600:].replace("\n", " | "))
+        return json.loads(line[0][len("RESULT "):])
+    finally:
+        shutil.rmtree(pkg, ignore_errors=True)
+
+
+def markdown(res: dict) -> str:
+    rows = res["rows_per_shard"]
+    lines = [f"Reindex scale ({rows} rows per shard, 8x8 images, random int64 ids, {res['cores']} cores, "
+             f"{res['actors']} part builders):", "",
+             "| design | S shards | build s | start-up s | s/shard after start-up | metadata bytes written/shard | "
+             "driver bytes received/image | nothing-to-do s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["new"]:
+        b = r["build"]
+        per = (b["stages"].get("build", 0) - b["first_record_s"]) / max(1, r["shards"] - 1)
+        lines.append(f"| snapshots (this) | {r['shards']} | {b['wall_s']:.1f} | {b['first_record_s']:.1f} | "
+                     f"{per:.4f} | {r['bytes']['metadata'] / r['shards']:.0f} | "
+                     f"{b['driver_bytes'] / max(1, b['rows']):.1f} | {r['nothing']['wall_s']:.2f} |")
+    for r in res["baseline"]:
+        b = r["build"]
+        lines.append(f"| manifest.json ({res['baseline_commit']}) | {r['shards']} | {b['wall_s']:.1f} | - | "
+                     f"{b['wall_s'] / r['shards']:.4f} | {b['manifest_bytes'] / r['shards']:.0f} | "
+                     f"{b['driver_bytes'] / max(1, b['rows']):.1f} | {r['nothing']['wall_s']:.2f} |")
+    if res.get("append"):
+        ap = res["append"]
+        st = ", ".join(f"{k} {v:.2f}" for k, v in ap["stages"].items() if k != "build_first_part")
+        lines += ["", f"Append {ap['encoded_shards']} shards to the {ap['base_shards']}-shard version: "
+                      f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}."]
+    lines += ["", "Stages of each full build (s): " + "; ".join(
+        f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
+                                          if k != "build_first_part") for r in res["new"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from sscq_dist.config import load_config
+    from sscq_dist.indexing.encoder import encoder_actors
+
+    sys.path.insert(0, os.path.join(bs.REPO, "tests"))
+    from fault_helpers import random_model_dir
+
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.makedirs(a.out)
+    cfg_path = bs.default_config("digits")
+    overrides = [f"tracking.tracking_uri=sqlite:///{a.out}/mlflow.db", f"index.encode_batch_size={a.rows}"]
+    cfg = load_config(cfg_path, overrides + ["index.gc_grace_s=0"])
+    model = random_model_dir(os.path.join(a.out, "model"), 0)
+    rng = np.random.default_rng(0)
+    res = {"rows_per_shard": a.rows, "cores": bs.cpu_cores(), "baseline_commit": a.baseline_commit,
+           "new": [], "baseline": []}
+    for S in sorted(set(a.shards) | set(a.baseline_shards)):
+        images = os.path.join(a.out, f"images-{S}")
+        write_shards(images, 0, S, a.rows, rng)
+        if S in a.baseline_shards:
+            print(f"=== baseline S={S}", flush=True)
+            b = run_baseline(a.baseline_commit, images, os.path.join(a.out, f"old-{S}"),
+                             os.path.join(a.out, f"old-model-{S}"), cfg_path, overrides)
+            res["baseline"].append({"shards": S, **b})
+            print(json.dumps(res["baseline"][-1]), flush=True)
+        if S not in a.shards:
+            continue
+        bs.start_ray(bs.cpu_cores() + 1, quiet=True)
+        res["actors"] = encoder_actors(cfg)
+        root = os.path.join(a.out, f"new-{S}")
+        print(f"=== snapshots S={S}", flush=True)
+        build = run_new(images, root, model, cfg)
+        build["first_record_s"] = build["stages"].get("build_first_part", 0.0)
+        r = {"shards": S, "build": build, "bytes": tree_bytes(root), "nothing": run_new(images, root, model, cfg)}
+        res["new"].append(r)
+        print(json.dumps(r), flush=True)
+        if S == max(a.shards) and a.append:
+            write_shards(images, S, a.append, a.rows, rng)
+            ap = run_new(images, root, model, cfg)
+            res["append"] = {"base_shards": S, **ap}
+            print(json.dumps(res["append"]), flush=True)
+    res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    res["wall_s"] = time.perf_counter() - t_start
+    bs.write_json(a.json, res)
+    print(markdown(res))
+    print(f"index scale: results {a.json}; {res['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    from sscq_dist.cli import run_main
+
+    run_main(lambda: main())

@@ -1,0 +1,37 @@
+"""Named fault-injection points for the reliability tests (in the style of etcd/TiKV failpoints).
+
+A point does nothing unless the environment variable SSCQ_FAILPOINTS names it, e.g.
+`SSCQ_FAILPOINTS="reindex.after_snapshot=kill"`. Actions:
+- `kill`: SIGKILL this process right here (a real crash at an exact step);
+- `sleep(S)`: pause S seconds (lets a test act, e.g. take the lock over, at that step).
+Production runs never set the variable; the cost of an unset point is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+ENV = "SSCQ_FAILPOINTS"
+_SLEEP = re.compile(r"^sleep\((\d+(?:\.\d+)?)\)$")
+
+
+def _actions() -> dict[str, str]:
+    spec = os.environ.get(ENV, "")
+    return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+
+
+def failpoint(name: str) -> None:
+    """Run the action configured for `name`, if any."""
+    action = _actions().get(name) if ENV in os.environ else None
+    if action is None:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    m = _SLEEP.match(action)
+    if m:
+        time.sleep(float(m.group(1)))
+        return
+    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill or sleep(S))")

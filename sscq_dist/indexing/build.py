@@ -1,0 +1,251 @@
+"""Build step of a reindex: one source shard -> one committed part, on Ray Data actors.
+
+Worker side (`PartBuilder`, one model load per actor): read the shard in row-group batches
+(memory bounded by a batch plus the part's codes and ids), decode, encode, add to a FAISS
+fast-scan part, then write the part file, its id map and last its commit record, each
+atomically. It returns only the record (a few hundred bytes): the driver never receives
+embeddings, so the driver's work per image is zero and adding nodes adds throughput.
+
+Exactly once without a coordinator: the part's name derives from the source uri + etag, so
+a retried task (an actor died) or a rerun (the driver died) rewrites the same names; a part
+whose record already matches is returned as is ("resumed") instead of being rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sscq_dist import storage
+from sscq_dist.config import Config, from_dict
+from sscq_dist.data.schema import check_schema
+from sscq_dist.errors import IndexError_, SchemaError, SSCQError, StorageError
+from sscq_dist.indexing import faiss_index as fi
+from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
+from sscq_dist.indexing.formats import (IVF_TRAINED_FILE, SCHEMA_VERSION, PartRecord, SourceShard, idmap_bytes, now_iso,
+                                        parse_part_record, part_files, part_name, sha256_hex, version_loc,
+                                        write_part_record)
+from sscq_dist.records import record_json
+from sscq_dist.storage import Location, resolve
+
+log = logging.getLogger(__name__)
+
+# Source shards per Ray Data input block: small enough that a retried block redoes little,
+# large enough that 100k shards are not 100k blocks.
+MAX_SHARDS_PER_BLOCK = 16
+
+
+@dataclass
+class BuildJob:
+    """What every builder needs, sent once per actor: plain data (actors load the model themselves)."""
+
+    root_uri: str
+    model_uri: str  # resolved: a registry version or a model folder, never an alias
+    version: str
+    codebook_checksum: str
+    index_type: str
+    coarse_checksum: str  # sha256 of ivf-trained.index, "" for exhaustive
+    cfg_dict: dict  # the job's config with the model's architecture and input size
+
+
+class PartBuilder:
+    """Ray Data callable class: rows {uri, size, etag, part} -> rows {part, record, resumed, error}."""
+
+    def __init__(self, job: dict):
+        self.job = BuildJob(**job)
+        self.cfg: Config = from_dict(self.job.cfg_dict)
+        self.encoder = ImageEncoder(self.job.model_uri, self.job.cfg_dict, self.job.codebook_checksum,
+                                    use_gpu=self.cfg.index.use_gpu)
+        root = resolve(self.job.root_uri, self.cfg.storage)
+        self.vloc = version_loc(root, self.job.version)
+        self.codebooks = self.encoder.codebooks
+        self._coarse: Optional[bytes] = None
+        if self.job.index_type == "ivf_pq_fastscan":
+            self._coarse = storage.read_bytes(self.vloc.join(IVF_TRAINED_FILE))
+            if sha256_hex(self._coarse) != self.job.coarse_checksum:
+                raise IndexError_(f"{self.vloc.join(IVF_TRAINED_FILE).uri} changed during the reindex")
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"part": [], "record": [], "resumed": [], "error": [], "error_kind": []}
+        for uri, size, etag, part in zip(batch["uri"], batch["size"], batch["etag"], batch["part"]):
+            src = SourceShard(str(uri), int(size), str(etag))
+            record, resumed, error, kind = None, False, "", ""
+            try:
+                record = self._committed(str(part), src)
+                resumed = record is not None
+                if record is None:
+                    record = self.build(str(part), src)
+            except SSCQError as exc:  # a bad shard is reported by the driver, never a crash here
+                error, kind = str(exc), type(exc).__name__
+            out["part"].append(str(part))
+            out["record"].append(record_json(record, SCHEMA_VERSION).decode() if record else "")
+            out["resumed"].append(resumed)
+            out["error"].append(error)
+            out["error_kind"].append(kind)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ one shard
+
+    def _empty_index(self):
+        if self._coarse is not None:
+            return fi.deserialize(self._coarse)
+        return fi.build_pq_fastscan(self.codebooks)
+
+    def _committed(self, part: str, src: SourceShard) -> Optional[PartRecord]:
+        """The existing record if it commits this very shard with this model and whole files."""
+        loc = self.vloc.join(part_files(part)[2])
+        try:
+            rec = parse_part_record(storage.read_bytes(loc), loc.uri)
+        except storage.NotFound:
+            return None
+        except IndexError_:
+            return None  # unreadable record: rebuild the part over it
+        same = (rec.source == src and rec.codebook_checksum == self.job.codebook_checksum
+                and rec.index_type == self.job.index_type and rec.coarse_checksum == self.job.coarse_checksum)
+        if not same:
+            return None
+        for name, size in ((rec.index_file, rec.index_bytes), (rec.ids_file, rec.ids_bytes)):
+            f = self.vloc.join(name)
+            info = storage.with_retries(lambda f=f: f.fs.get_file_info(f.path), f"stat {f.uri}", f.storage)
+            if info.size != size:
+                return None
+        return rec
+
+    def build(self, part: str, src: SourceShard) -> PartRecord:
+        loc = resolve(src.uri, self.cfg.storage)
+        try:
+            index, ids, uris, rows, n_rows = storage.with_retries(lambda: self._encode(loc), f"read {loc.uri}",
+                                                                  loc.storage)
+        except FileNotFoundError:
+            raise StorageError(f"{src.uri}: not found (removed after the listing?); rerun the reindex") from None
+        except PermissionError as exc:
+            raise StorageError(f"{src.uri}: permission denied ({exc})") from None
+        if len(ids) != len(np.unique(ids)):
+            uniq, counts = np.unique(ids, return_counts=True)
+            dup = int(uniq[counts > 1][0])
+            raise IndexError_(f"{src.uri}: id {dup} appears {int(counts.max())} times in the shard; "
+                              "ids must be unique over the collection")
+        index_file, ids_file, _ = part_files(part)
+        index_data = fi.serialize(index)
+        ids_data = idmap_bytes(ids, uris, src.uri, rows)
+        # Files first, record last: a record exists only for a whole part.
+        storage.atomic_write_bytes(self.vloc.join(index_file), index_data)
+        storage.atomic_write_bytes(self.vloc.join(ids_file), ids_data)
+        rec = PartRecord(part=part, source=src, rows=n_rows, indexed=len(ids), dropped=n_rows - len(ids),
+                         id_min=int(ids.min()) if len(ids) else 0, id_max=int(ids.max()) if len(ids) else -1,
+                         index_file=index_file, index_bytes=len(index_data), ids_file=ids_file,
+                         ids_bytes=len(ids_data), index_sha256=sha256_hex(index_data),
+                         ids_sha256=sha256_hex(ids_data), model_version=self.job.version,
+                         codebook_checksum=self.job.codebook_checksum, index_type=self.job.index_type,
+                         coarse_checksum=self.job.coarse_checksum, created_at=now_iso())
+        write_part_record(self.vloc, rec)
+        return rec
+
+    def _encode(self, loc: Location):
+        """Read one shard batch by batch into a fresh part: (index, ids, uris, row numbers, source rows)."""
+        index = self._empty_index()
+        ids, uris, rows = [], [], []
+        n_rows = 0
+        try:
+            with loc.fs.open_input_file(loc.path) as fh:
+                pf = pq.ParquetFile(fh)
+                check_schema(pf.schema_arrow, loc.uri)
+                cols = ["id", "image"] + (["uri"] if "uri" in pf.schema_arrow.names else [])
+                for rb in pf.iter_batches(batch_size=self.cfg.index.encode_batch_size, columns=cols):
+                    b_ids = rb.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+                    f, ok = self.encoder.embed(rb.column("image").to_pylist())
+                    if ok.any():
+                        fi.add(index, f[ok], b_ids[ok])
+                        ids.append(b_ids[ok])
+                        rows.append(n_rows + np.nonzero(ok)[0])
+                        u = rb.column("uri") if "uri" in cols else pa.nulls(rb.num_rows, pa.string())
+                        uris.append(u.filter(pa.array(ok)))
+                    n_rows += rb.num_rows
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise SchemaError(f"{loc.uri}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        uri_arr = pa.concat_arrays([u.cast(pa.string()) for u in uris]) if uris else pa.array([], pa.string())
+        return index, cat(ids, np.int64), uri_arr, cat(rows, np.int64), n_rows
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class BuildResult:
+    """What the build stage hands the driver: records only (no vectors), and counts."""
+
+    records: dict[str, PartRecord] = field(default_factory=dict)
+    built: int = 0  # shards encoded by this run
+    resumed: int = 0  # shards a killed earlier run had already committed
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (error class name, message) per bad shard
+    ids_checked: int = 0  # ids the duplicate check read (0 when the parts' id ranges are disjoint)
+    built_rows: int = 0  # source rows of the shards built by this run
+    first_record_s: float = 0.0  # seconds until the first record arrived (actor start-up, model load)
+    seconds: float = 0.0
+    received_bytes: int = 0  # bytes of rows the driver took from the stream
+
+
+def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, progress: bool = True) -> BuildResult:
+    """Build every todo shard on the actor pool; returns the records (deduplicated by part).
+
+    lock: the writer's IndexLock; a lost lease stops the build (no more parts are awaited).
+    """
+    import ray
+
+    result = BuildResult()
+    if not todo:
+        return result
+    items = [{"uri": s.uri, "size": s.size, "etag": s.etag, "part": part_name(s.uri, s.etag)} for s in todo]
+    actors = min(encoder_actors(cfg), len(items))
+    per_block = min(MAX_SHARDS_PER_BLOCK, max(1, math.ceil(len(items) / (actors * 64))))
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
+    ds = ds.map_batches(PartBuilder, fn_constructor_kwargs={"job": job.__dict__},
+                        batch_size=1, batch_format="numpy", **actor_pool(cfg, actors))
+    t0 = last = time.perf_counter()
+    for row in ds.iter_rows():
+        result.received_bytes += sum(len(str(v)) for v in row.values())
+        if lock is not None:
+            lock.raise_if_lost()
+        if row["error"]:
+            result.errors.append((str(row["error_kind"]), str(row["error"])))
+            continue
+        if not result.first_record_s:
+            result.first_record_s = time.perf_counter() - t0
+        rec = parse_part_record(row["record"], f"record of part {row['part']}")
+        if rec.part not in result.records:  # a retried block may return a part twice
+            result.records[rec.part] = rec
+            if row["resumed"]:
+                result.resumed += 1
+            else:
+                result.built += 1
+                result.built_rows += rec.rows
+        if progress and time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            print(f"[reindex] parts {len(result.records) + len(result.errors)}/{len(items)} "
+                  f"({result.built} built, {result.resumed} resumed); {result.built_rows} rows at "
+                  f"{result.built_rows / max(1e-9, last - t0):.0f} img/s", flush=True)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+
+def raise_build_errors(result: BuildResult) -> None:
+    """One error line for the first bad shard (same error class as on the worker), counting the rest."""
+    if not result.errors:
+        return
+    import sscq_dist.errors as errors
+
+    kind, msg = result.errors[0]
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, SSCQError)):
+        cls = SSCQError
+    more = f" (and {len(result.errors) - 1} more shards)" if len(result.errors) > 1 else ""
+    raise cls(f"{msg}{more}; nothing published, committed parts are kept for the rerun")

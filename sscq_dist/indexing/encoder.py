@@ -1,0 +1,79 @@
+"""One model on one device for the batch jobs: encoded image bytes -> embeddings.
+
+Used by the part builders (one source shard per call) and by the IVF sample pass. Actors
+get the model's resolved URI (a registry version, never a moving alias) and its codebook
+checksum, and load the weights themselves: constructor arguments stay a few hundred bytes
+of plain data, so an actor that Ray restarts on another node rebuilds itself without any
+object the driver had to keep alive, and a model that is not the one planned is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from sscq_dist.config import Config, DataConfig
+from sscq_dist.data.augment import eval_view
+from sscq_dist.data.decode import decode_batch
+
+
+class ImageEncoder:
+    """model_uri: `models:/<name>/<version>` or a model folder; cfg_dict: Config.to_dict() of the
+    job (tracking settings, the model's input size); codebook_checksum: what the driver planned
+    with; use_gpu: run on this actor's GPU when there is one."""
+
+    def __init__(self, model_uri: str, cfg_dict: dict, codebook_checksum: str, use_gpu: bool = False):
+        from sscq_dist.config import from_dict
+        from sscq_dist.errors import IndexError_
+        from sscq_dist.indexing.faiss_index import codebook_checksum as checksum_of
+        from sscq_dist.registry import load_model
+
+        cfg = from_dict(cfg_dict)
+        self.cfg = cfg
+        self.data: DataConfig = cfg.data
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one Ray CPU per actor
+        loaded = load_model(model_uri, cfg.tracking)
+        if checksum_of(loaded.codebooks) != codebook_checksum:
+            raise IndexError_(f"model {model_uri} loaded on a worker has codebooks {checksum_of(loaded.codebooks)}, "
+                              f"the reindex planned with {codebook_checksum}")
+        self.codebooks = loaded.codebooks
+        self.model = loaded.model.eval().to(self.device)
+
+    @torch.no_grad()
+    def embed(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded image bytes (N,) -> (embeddings f (N, M*d) float32, ok (N,) bool).
+
+        Rows whose bytes do not decode get ok=False (their embedding rows are meaningless).
+        """
+        imgs, ok = decode_batch(images, self.data.image_size, self.data.channels, self.data.max_image_pixels)
+        x = eval_view(torch.from_numpy(imgs)).to(self.device)
+        return self.model.embed(x).float().cpu().numpy(), ok
+
+
+def encoder_actors(cfg: Config) -> int:
+    """index.encode_concurrency, or the auto count for 0 (needs a running Ray)."""
+    import ray
+
+    if cfg.index.encode_concurrency > 0:
+        return cfg.index.encode_concurrency
+    res = ray.cluster_resources()
+    if cfg.index.use_gpu:
+        return max(1, int(res.get("GPU", 0)))
+    cpus = int(res.get("CPU", 1)) - 1  # one CPU left for reads and the driver's own work
+    if len(ray.nodes()) == 1:  # a local Ray may advertise more CPUs than the cores under it
+        cpus = min(cpus, os.cpu_count() or 1)
+    return max(1, cpus)
+
+
+def actor_pool(cfg: Config, n: Optional[int] = None) -> dict:
+    """map_batches arguments for a pool of encoder actors (one GPU each with index.use_gpu)."""
+    from ray.data import ActorPoolStrategy
+
+    use_gpu = bool(cfg.index.use_gpu)
+    return {"compute": ActorPoolStrategy(size=n or encoder_actors(cfg)), "num_gpus": 1 if use_gpu else 0,
+            "num_cpus": 1}

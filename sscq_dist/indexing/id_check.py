@@ -1,0 +1,98 @@
+"""Ids are unique over an index version: an O(N) distributed check, never pairwise id-map reads.
+
+Two parts can share an id only if their [id_min, id_max] ranges overlap. The driver sorts the
+parts' ranges (O(S log S) over the records it already holds) into overlapping groups; groups
+with a part new in this run are checked by one Ray Data pass: every id-map file of those
+groups is read once on a worker, ids are hash-bucketed, and each bucket is checked for
+repeats. Sequential ids (ingest's) give disjoint ranges and cost no reads at all; hash ids
+overlap everywhere and cost one pass over the id maps (8 bytes per id).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from sscq_dist.config import StorageConfig
+from sscq_dist.errors import IndexError_
+from sscq_dist.indexing.formats import PartEntry, parse_idmap
+from sscq_dist.storage import Location, read_bytes, resolve
+
+IDS_PER_BUCKET = 2_000_000  # ~16 MB of ids per reduce task
+MAX_MAP_TASKS = 1024
+
+
+def overlapping_groups(parts: list[PartEntry], new: set[str]) -> list[list[PartEntry]]:
+    """Groups of parts whose id ranges overlap (transitively) and that hold a part in `new`."""
+    ents = sorted((p for p in parts if p.indexed), key=lambda p: p.id_min)
+    groups, cur, hi = [], [], None
+    for p in ents:
+        if cur and p.id_min > hi:
+            groups.append(cur)
+            cur = []
+        hi = p.id_max if not cur else max(hi, p.id_max)
+        cur.append(p)
+    if cur:
+        groups.append(cur)
+    return [g for g in groups if len(g) > 1 and any(p.part in new for p in g)]
+
+
+def _map_ids(files: list, buckets: int, storage_cfg: dict) -> list:
+    """Read id maps [(uri, part number)], split (ids, part numbers) into `buckets` hash buckets."""
+    ids, nums = [], []
+    for uri, num in files:
+        table = parse_idmap(read_bytes(resolve(uri, StorageConfig(**storage_cfg))), uri, columns=["id"])
+        col = table.column("id").to_numpy()
+        ids.append(col)
+        nums.append(np.full(len(col), num, np.int32))
+    i, n = np.concatenate(ids), np.concatenate(nums)
+    b = (i.view(np.uint64) % np.uint64(buckets)).astype(np.int64)
+    out = [(i[b == k], n[b == k]) for k in range(buckets)]
+    return out if buckets > 1 else out[0]
+
+
+def _first_repeat(*chunks) -> Optional[tuple[int, int, int]]:
+    """One bucket's (ids, part numbers) chunks -> (id, part, other part) of a repeat, or None."""
+    ids = np.concatenate([c[0] for c in chunks])
+    nums = np.concatenate([c[1] for c in chunks])
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    hit = np.nonzero(s[1:] == s[:-1])[0]
+    if len(hit) == 0:
+        return None
+    j = hit[0]
+    return int(s[j]), int(nums[order][j]), int(nums[order][j + 1])
+
+
+def find_duplicate(vloc: Location, parts: list[PartEntry], storage_cfg: StorageConfig) -> Optional[tuple[int, PartEntry, PartEntry]]:
+    """(id, part, other part) for one id two parts share, or None; one distributed pass."""
+    import ray
+
+    if len(parts) < 2:
+        return None
+    files = [(vloc.join(p.ids_file).uri, i) for i, p in enumerate(parts)]
+    buckets = max(1, math.ceil(sum(p.indexed for p in parts) / IDS_PER_BUCKET))
+    mappers = min(len(files), MAX_MAP_TASKS, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+    map_task = ray.remote(_map_ids).options(num_returns=buckets, num_cpus=1)
+    reduce_task = ray.remote(_first_repeat).options(num_cpus=1)
+    outs = [map_task.remote(files[m::mappers], buckets, storage_cfg.__dict__) for m in range(mappers)]
+    outs = [o if isinstance(o, list) else [o] for o in outs]
+    for found in ray.get([reduce_task.remote(*[o[k] for o in outs]) for k in range(buckets)]):
+        if found:
+            i, a, b = found
+            return i, parts[a], parts[b]
+    return None
+
+
+def check_unique_ids(vloc: Location, parts: list[PartEntry], new: set[str], storage_cfg: StorageConfig) -> int:
+    """Raise one error line naming an id and both shards if two parts share it; returns ids checked."""
+    groups = overlapping_groups(parts, new)
+    checked = [p for g in groups for p in g]
+    found = find_duplicate(vloc, checked, storage_cfg)
+    if found:
+        i, a, b = found
+        raise IndexError_(f"id {i} is in both {a.source.uri} and {b.source.uri}; ids must be unique over the "
+                          "collection (fix the source shards, then rerun the reindex)")
+    return sum(p.indexed for p in checked)

@@ -1,0 +1,117 @@
+"""On-disk formats of an index root: part records, snapshots, CURRENT, id maps, part names."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sscq_dist import storage
+from sscq_dist.errors import IndexError_
+from sscq_dist.indexing import faiss_index as fi
+from sscq_dist.records import parse_json_record
+from sscq_dist.indexing.formats import (PartEntry, PartRecord, Snapshot, SourceShard, check_codebooks,
+                                        list_generations, parse_part_record, parse_snapshot_name, part_name,
+                                        read_current, read_part_record, read_snapshot, snapshot_name, version_loc,
+                                        write_current, write_part_record, write_snapshot)
+
+CB = np.ones((8, 16, 16), np.float32)
+
+
+def entry(i: int) -> PartEntry:
+    src = SourceShard(f"s3://b/images/part-{i:05d}.parquet", 1000 + i, f'"etag{i}"')
+    name = part_name(src.uri, src.etag)
+    return PartEntry(part=name, source=src, rows=10, indexed=9, dropped=1, id_min=10 * i, id_max=10 * i + 9,
+                     index_file=f"parts/{name}.index", index_bytes=999, ids_file=f"parts/{name}.ids.parquet",
+                     ids_bytes=55)
+
+
+def snapshot(gen=1, version="3", n=3) -> Snapshot:
+    return Snapshot(generation=gen, model_uri="models:/sscq/3", model_version=version,
+                    codebook_checksum=fi.codebook_checksum(CB), bits=32, M=8, K=16, index_type="ivf_pq_fastscan",
+                    index_params={"nlist": 1024, "nprobe": 160}, coarse_checksum="ab" * 32,
+                    created_at="2026-11-30T00:00:00+00:00", previous=None, writer="w", fence=7,
+                    parts=[entry(i) for i in range(n)])
+
+
+@pytest.fixture
+def root(tmp_path):
+    return storage.resolve(str(tmp_path / "index"))
+
+
+def test_snapshot_round_trip_and_generation_listing(root):
+    a, b = snapshot(1), snapshot(2)
+    write_snapshot(root, a)
+    write_snapshot(root, b)
+    back = read_snapshot(root, "3/00000002")
+    assert back == b and back.name == "3/00000002" and back.total_rows == 27
+    assert list_generations(root, "3") == [1, 2]
+    assert list_generations(root, "4") == []
+
+
+def test_snapshots_are_never_rewritten(root):
+    write_snapshot(root, snapshot(1))
+    with pytest.raises(IndexError_, match="immutable"):
+        write_snapshot(root, snapshot(1, n=1))
+    assert len(read_snapshot(root, "3/00000001").parts) == 3
+
+
+def test_part_record_round_trip(root):
+    rec = PartRecord(**entry(4).__dict__, index_sha256="0" * 64, ids_sha256="1" * 64, model_version="3",
+                     codebook_checksum=fi.codebook_checksum(CB), index_type="pq_fastscan", created_at="now")
+    vloc = version_loc(root, "3")
+    assert read_part_record(vloc, rec.part) is None  # never committed
+    write_part_record(vloc, rec)
+    assert read_part_record(vloc, rec.part) == rec
+    assert rec.entry() == entry(4)
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda d: d.pop("fence"), "fence"),
+    (lambda d: d["parts"][1].pop("id_max"), "parts[1].id_max"),
+    (lambda d: d["parts"][0]["source"].pop("etag"), "parts[0].source.etag"),
+])
+def test_missing_key_is_named(root, mutate, key):
+    data = json.loads(snapshot().to_json())
+    mutate(data)
+    storage.atomic_write_bytes(version_loc(root, "3").join("snapshots", "00000001.json"), json.dumps(data).encode())
+    with pytest.raises(IndexError_, match=rf"00000001.json: key '{key}': missing$".replace("[", r"\[").replace("]", r"\]")):
+        read_snapshot(root, "3/00000001")
+
+
+def test_mistyped_key_unknown_schema_and_bad_json_are_one_line():
+    good = json.loads(snapshot().to_json())
+    bad = dict(good, bits="32")
+    with pytest.raises(IndexError_, match="snap.json: key 'bits': expected an integer, got str"):
+        parse_json_record(Snapshot, json.dumps(bad), "snap.json", IndexError_, 2)
+    with pytest.raises(IndexError_, match="key 'rows': expected an integer, got float"):
+        parse_part_record(json.dumps({**good["parts"][0], "rows": 1.5, "schema_version": 2}), "rec.json")
+    with pytest.raises(IndexError_, match="'schema_version': 9, this reader understands 2"):
+        parse_part_record(json.dumps({**good["parts"][0], "schema_version": 9}), "rec.json")
+    with pytest.raises(IndexError_, match="rec.json: not valid JSON"):
+        parse_part_record("{nope", "rec.json")
+
+
+def test_current_names_a_generation_or_a_legacy_version(root):
+    assert read_current(root) is None
+    write_current(root, snapshot_name("7", 12))
+    assert read_current(root) == "7/00000012"
+    assert parse_snapshot_name("7/00000012", "x") == ("7", 12)
+    assert parse_snapshot_name("7", "x") == ("7", None)  # the pre-snapshot layout
+    for bad in ("../etc", "7/abc", "a/b/c", ""):
+        with pytest.raises(IndexError_):
+            write_current(root, bad)
+
+
+def test_part_names_derive_from_uri_and_etag():
+    a = part_name("s3://b/images/part-00001.parquet", '"e1"')
+    assert a == part_name("s3://b/images/part-00001.parquet", '"e1"')  # a rerun writes the same names
+    assert a.startswith("part-00001-") and len(a) == len("part-00001-") + 16
+    assert a != part_name("s3://b/images/part-00001.parquet", '"e2"')  # a rewritten shard gets new files
+    assert a != part_name("s3://b/other/part-00001.parquet", '"e1"')
+    assert "/" not in part_name("s3://b/x/we ird/../name.parquet", "e")
+
+
+def test_check_codebooks_names_both_checksums():
+    with pytest.raises(IndexError_, match=r"snapshot has sha256:\w+, model gives sha256:\w+"):
+        check_codebooks(snapshot(), CB * 2)
+    check_codebooks(snapshot(), CB)
