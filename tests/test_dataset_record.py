@@ -67,9 +67,10 @@ def test_killed_ingest_is_refused_until_rerun_with_overwrite(tmp_path):
     assert len(_parts(train)) == 150
 
 
-@pytest.mark.xfail(strict=True, reason="the scale-out reindex lists sources itself: indexing.plan must call "
-                   "check_dataset(loc, {name: size}) on its listing (then drop this mark)")
-def test_reindex_refuses_an_unfinished_dataset(tmp_path):
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                   reason="the scale-out reindex lists sources itself: indexing.plan must call "
+                          "check_dataset(loc, {name: size}) on its listing (then drop this mark)")
+def test_reindex_refuses_an_unfinished_dataset(tmp_path, ray_local):
     """What a dead ingest leaves (its marker still there, as the test above shows) is never indexed."""
     from sscq_dist.indexing.formats import read_current
     from sscq_dist.indexing.reindex import reindex
