@@ -238,8 +238,9 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
         raise SSCQError("the source holds no images; nothing was written")
     record = dr.new_record(source, entries)
     # A fresh listing: also catches shards another (dead) ingest wrote after ours started.
+    written = {e.name for e in entries}
     for old in shard_files(dest):
-        if old.path.rsplit("/", 1)[-1] not in {e.name for e in entries}:
+        if old.path.rsplit("/", 1)[-1] not in written:
             delete(old)
     atomic_write_bytes(dest.join(dr.RECORD), record.to_json())
     delete(dest.join(dr.MARKER))
