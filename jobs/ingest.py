@@ -1,4 +1,9 @@
-"""Ingest images into sharded Parquet: `python jobs/ingest.py --source digits --dest data/digits`."""
+"""Ingest images into sharded Parquet: `python jobs/ingest.py --source digits --dest data/digits`.
+
+Each destination prefix gets `part-NNNNN.parquet` shards and, once all are written, the
+dataset record `_dataset.json`; until then it is marked `_writing.json`, which training and
+reindex refuse.
+"""
 
 import argparse
 import os
@@ -18,7 +23,9 @@ def main() -> int:
     p.add_argument("--source-path", help="folder of images, Parquet URI, or Fashion-MNIST IDX directory")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--splits", default="train,test", help="splits for digits / fashion_mnist")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already under --dest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what is under --dest (also what a dead ingest left): shards the new "
+                        "dataset record does not list are removed")
     p.add_argument("--config", default=None, help="config file (storage section: endpoint, retries)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args()

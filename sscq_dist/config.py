@@ -29,9 +29,17 @@ class StorageConfig:
     # S3-compatible endpoint (MinIO, a dev server); None = AWS_ENDPOINT_URL or AWS itself.
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
-    # Bounded retries with exponential backoff for object-store calls.
+    # One retry policy owns every attempt of an object-store call: botocore and s3fs make a
+    # single HTTP try each, and we retry up to max_attempts with exponential backoff.
     max_attempts: int = 4
     retry_backoff_s: float = 0.5
+    # Per HTTP try: seconds to connect, and to wait for the next bytes of an answer.
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    # One call with all its tries ends within this many seconds, even on an endpoint that
+    # accepts connections and never answers: no retry starts that could outlast it, and
+    # the timeouts above are cut to it.
+    deadline_s: float = 60.0
 
 
 @dataclass
@@ -184,6 +192,9 @@ class EvalConfig:
     # Promotion gate: mAP@gate_topk on data.queries_uri against the database.
     gate_topk: int = 100
     batch_size: int = 512
+    # Demo only: when data.queries_uri holds no shards, promotion builds the gate set from
+    # scikit-learn's bundled digits there. Off everywhere else: a missing gate set is an error.
+    gate_from_bundled_digits: bool = False
 
 
 @dataclass
@@ -379,7 +390,11 @@ def validate(cfg: Config) -> Config:
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
     _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
     _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
-    _check(cfg.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1")
+    st = cfg.storage
+    _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {st.max_attempts}")
+    _check(st.retry_backoff_s >= 0, "storage.retry_backoff_s", f"must be >= 0, got {st.retry_backoff_s}")
+    for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+        _check(getattr(st, name) > 0, f"storage.{name}", f"must be > 0, got {getattr(st, name)}")
     validate_serve(cfg.serve)
     return cfg
 

@@ -27,3 +27,7 @@ class RegistryError(SSCQError):
 
 class IndexError_(SSCQError):
     """An index root is inconsistent (manifest, checksum, lock)."""
+
+
+class DatasetError(SSCQError):
+    """An image-shard prefix is not a whole dataset (an ingest died there, or a shard changed)."""

@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sscq_dist.config import StorageConfig
+from sscq_dist.data import dataset_record as dr
 from sscq_dist.data.schema import IMAGE_SCHEMA, SHARD_PREFIX, shard_files, validate_shards
 from sscq_dist.errors import SSCQError, StorageError
-from sscq_dist.storage import Location, atomic_write_bytes, delete, resolve, with_retries
+from sscq_dist.storage import Location, atomic_write_bytes, delete, list_files, resolve, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -183,37 +184,47 @@ def shard_name(i: int) -> str:
 
 
 def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int, overwrite: bool,
-                 total: Optional[int] = None, progress: bool = True, check_duplicates: bool = True) -> IngestSummary:
+                 total: Optional[int] = None, progress: bool = True, check_duplicates: bool = True,
+                 source: str = "") -> IngestSummary:
     """Stream records into `part-NNNNN.parquet` shards under dest; each shard appears whole.
 
-    A non-empty destination is refused unless overwrite; with overwrite, shards beyond the
-    new count are removed only after every new shard is written.
+    The prefix is marked as being written (`_writing.json`) before the first shard, and the
+    dataset record (`_dataset.json`) is written after the last one, so a reader can tell a
+    whole dataset from what a dead ingest left (sscq_dist.data.dataset_record). A non-empty
+    destination is refused unless overwrite; with overwrite, every shard the new record does
+    not list is removed before the record is written.
     """
     from tqdm import tqdm
 
     if rows_per_shard < 1:
         raise SSCQError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
-    existing = shard_files(dest)
-    if existing and not overwrite:
-        raise StorageError(f"destination {dest.uri} already holds {len(existing)} shard(s); pass --overwrite to replace them")
+    listing = list_files(dest)
+    existing = shard_files(dest, listing)
+    unfinished = any(i.base_name == dr.MARKER for i in listing)
+    if (existing or unfinished) and not overwrite:
+        what = f"holds {len(existing)} shard(s)" + (" from an unfinished ingest" if unfinished else "")
+        raise StorageError(f"destination {dest.uri} already {what}; pass --overwrite to replace them")
     t0 = time.perf_counter()
     seen: set[int] = set()
     buf: list[Record] = []
-    n_rows = n_bytes = n_shards = 0
+    entries: list[dr.ShardEntry] = []
+    n_rows = 0
     bar = tqdm(total=total, desc=f"ingest {dest.uri}", unit="img", disable=not progress, mininterval=1.0)
 
     def flush() -> None:
-        nonlocal n_bytes, n_shards
         data = table_bytes(records_to_table(buf))
-        atomic_write_bytes(dest.join(shard_name(n_shards)), data)
-        n_bytes += len(data)
-        n_shards += 1
+        name = shard_name(len(entries))
+        if not entries:  # marked before the first shard: a source that fails earlier leaves dest as it was
+            atomic_write_bytes(dest.join(dr.MARKER), dr.marker_bytes(source))
+        atomic_write_bytes(dest.join(name), data)
+        entries.append(dr.ShardEntry(name, len(buf), len(data), hashlib.sha256(data).hexdigest()))
         buf.clear()
 
     for rec in records:
         if check_duplicates:
             if rec.id in seen:
-                raise SSCQError(f"duplicate id {rec.id} in the source (ids must be unique); nothing after shard {n_shards} was written")
+                raise SSCQError(f"duplicate id {rec.id} in the source (ids must be unique); nothing after shard "
+                                f"{len(entries)} was written and {dest.uri} stays marked unfinished")
             seen.add(rec.id)
         buf.append(rec)
         n_rows += 1
@@ -225,10 +236,15 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
     bar.close()
     if n_rows == 0:
         raise SSCQError("the source holds no images; nothing was written")
-    for old in existing:
-        if old.path.rsplit("/", 1)[-1] >= shard_name(n_shards):
+    record = dr.new_record(source, entries)
+    # A fresh listing: also catches shards another (dead) ingest wrote after ours started.
+    written = {e.name for e in entries}
+    for old in shard_files(dest):
+        if old.path.rsplit("/", 1)[-1] not in written:
             delete(old)
-    return IngestSummary(dest.uri, n_rows, n_shards, n_bytes, time.perf_counter() - t0)
+    atomic_write_bytes(dest.join(dr.RECORD), record.to_json())
+    delete(dest.join(dr.MARKER))
+    return IngestSummary(dest.uri, n_rows, len(entries), record.bytes, time.perf_counter() - t0)
 
 
 def ingest(source: str, dest_uri: str, rows_per_shard: int = 10_000, overwrite: bool = False,
@@ -241,21 +257,24 @@ def ingest(source: str, dest_uri: str, rows_per_shard: int = 10_000, overwrite: 
     if source == "digits":
         for split in splits:
             recs = digits_records(split)
-            out.append(write_shards(iter(recs), dest.join(split), rows_per_shard, overwrite, len(recs), progress))
+            out.append(write_shards(iter(recs), dest.join(split), rows_per_shard, overwrite, len(recs), progress,
+                                    source=f"digits (scikit-learn), split {split}"))
     elif source == "fashion_mnist":
         directory = source_path or FASHION_MNIST_DIR
         for split in splits:
             total = 60_000 if split == "train" else 10_000
             out.append(write_shards(fashion_mnist_records(split, directory), dest.join(split), rows_per_shard,
-                                    overwrite, total, progress))
+                                    overwrite, total, progress, source=f"fashion_mnist {directory}, split {split}"))
     elif source == "folder":
         if not source_path:
             raise SSCQError("--source folder needs --source-path DIR")
-        out.append(write_shards(folder_records(source_path), dest, rows_per_shard, overwrite, None, progress))
+        out.append(write_shards(folder_records(source_path), dest, rows_per_shard, overwrite, None, progress,
+                                source=f"folder {source_path}"))
     elif source == "parquet":
         if not source_path:
             raise SSCQError("--source parquet needs --source-path URI")
-        out.append(write_shards(parquet_records(source_path, storage), dest, rows_per_shard, overwrite, None, progress))
+        out.append(write_shards(parquet_records(source_path, storage), dest, rows_per_shard, overwrite, None, progress,
+                                source=f"parquet {source_path}"))
     else:
         raise SSCQError(f"unknown --source {source!r} (digits, fashion_mnist, folder, parquet)")
     return out

@@ -8,6 +8,7 @@ read, stored or logged by this module.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import time
@@ -79,38 +80,78 @@ def endpoint_url(cfg: Optional[StorageConfig] = None) -> Optional[str]:
 
 
 def s3fs_filesystem(cfg: Optional[StorageConfig] = None):
-    """An s3fs filesystem for the configured endpoint (credentials from the AWS chain)."""
-    import s3fs
+    """An s3fs filesystem for the configured endpoint (credentials from the AWS chain).
 
+    Every request is one HTTP try with the configured timeouts: botocore's and s3fs's own
+    retry loops are switched off, so `with_retries` alone decides how often and how long
+    (nested, they once turned one hung call into 429 s).
+    """
+    from sscq_dist.s3_filesystem import BoundedS3FileSystem
+
+    cfg = cfg or StorageConfig()
+    connect_s, read_s = try_timeouts(cfg)
     client_kwargs = {}
     url = endpoint_url(cfg)
     if url:
         client_kwargs["endpoint_url"] = url
-    region = (cfg.region if cfg else None) or os.environ.get("AWS_DEFAULT_REGION")
+    region = cfg.region or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client_kwargs["region_name"] = region
-    attempts = cfg.max_attempts if cfg else 4
-    return s3fs.S3FileSystem(
+    return BoundedS3FileSystem(
         client_kwargs=client_kwargs,
-        config_kwargs={"retries": {"max_attempts": attempts, "mode": "standard"},
-                       "connect_timeout": 5, "read_timeout": 30},
+        config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
+                       "connect_timeout": connect_s, "read_timeout": read_s},
         use_listings_cache=False,
         skip_instance_cache=True,
     )
 
 
 class _FSSpecHandler(pafs.FSSpecHandler):
-    """pyarrow's fsspec bridge, except that opening a file lets connection errors through.
+    """pyarrow's fsspec bridge, with storage's retry policy on every file it opens.
 
     The stock handler first asks `isfile`, which answers False for any error, so an
-    unreachable endpoint would read as a missing file and never be retried.
+    unreachable endpoint would read as a missing file and never be retried; here opening
+    lets connection errors through. Opening and each read of the file are retried by
+    `with_retries`, so readers that use the filesystem directly (Ray Data tasks) get the
+    same bounded tries and deadline as our own calls, never nested inside them.
     """
 
+    def __init__(self, fs, storage: Optional[StorageConfig] = None):
+        super().__init__(fs)
+        self.storage = storage
+
     def open_input_stream(self, path):
-        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+        return self._open(path)
 
     def open_input_file(self, path):
-        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+        return self._open(path)
+
+    def _open(self, path):
+        what = f"read s3://{path}"
+        f = _retried(lambda: self.fs.open(path, mode="rb"), what, self.storage)
+        return pa.PythonFile(_RetriedReads(f, what, self.storage), mode="r")
+
+
+class _RetriedReads:
+    """A binary file whose reads go through `with_retries` (s3fs keeps the position when a
+    read fails, so a retry reads the same bytes)."""
+
+    def __init__(self, f, what: str, storage: Optional[StorageConfig]):
+        self._f, self._what, self._storage = f, what, storage
+
+    def read(self, n=-1):
+        return _retried(lambda: self._f.read(n), self._what, self._storage)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+# True while with_retries runs a call, so the reads inside it are not retried a second time.
+_IN_RETRIES: contextvars.ContextVar[bool] = contextvars.ContextVar("sscq_storage_in_retries", default=False)
+
+
+def _retried(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig]) -> T:
+    return fn() if _IN_RETRIES.get() else with_retries(fn, what, cfg)
 
 
 def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
@@ -119,7 +160,7 @@ def resolve(uri: str, cfg: Optional[StorageConfig] = None) -> Location:
     p = urlparse(uri)
     scheme = p.scheme.lower() if len(p.scheme) > 1 else ""
     if scheme == "s3":
-        fs = pafs.PyFileSystem(_FSSpecHandler(s3fs_filesystem(cfg)))
+        fs = pafs.PyFileSystem(_FSSpecHandler(s3fs_filesystem(cfg), cfg))
         path = (p.netloc + p.path).rstrip("/")
         return Location(fs, path, f"s3://{path}", cfg)
     local = p.path if scheme == "file" else uri
@@ -131,24 +172,47 @@ def with_retries(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = 
                  transient: Optional[tuple] = None) -> T:
     """Call fn with bounded retries and exponential backoff on connection errors.
 
-    Errors that are not transient (missing file, permission) are raised at once.
+    The one retry policy for storage: up to `storage.max_attempts` tries, each one HTTP try
+    bounded by the connect/read timeouts, and no retry is started that could not end
+    within `storage.deadline_s` of the first try, so even an endpoint that accepts
+    connections and never answers ends in one StorageError within the deadline. Errors
+    that are not transient (missing file, permission) are raised at once.
     transient: the exception types to retry (default: OSError and connection errors).
     """
-    attempts = cfg.max_attempts if cfg else 4
-    backoff = cfg.retry_backoff_s if cfg else 0.5
+    cfg = cfg or StorageConfig()
+    attempts, backoff = cfg.max_attempts, cfg.retry_backoff_s
     transient = transient or _transient_errors()
+    deadline = time.monotonic() + cfg.deadline_s
+    connect_s, read_s = try_timeouts(cfg)
     for attempt in range(1, attempts + 1):
         try:
-            return fn()
+            return _one_try(fn)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except transient as exc:
+            cause = f"{type(exc).__name__}: {first_line(exc)}"
             if attempt == attempts:
-                raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({type(exc).__name__}: {_first_line(exc)})") from None
+                raise StorageError(f"{what}: storage unreachable after {attempts} attempts ({cause})") from None
             delay = backoff * 2 ** (attempt - 1)
+            if time.monotonic() + delay + connect_s + read_s > deadline:
+                raise StorageError(f"{what}: storage unreachable after {attempt} attempt(s) within "
+                                   f"storage.deadline_s={cfg.deadline_s:g}s ({cause})") from None
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, type(exc).__name__, attempt, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _one_try(fn: Callable[[], T]) -> T:
+    token = _IN_RETRIES.set(True)
+    try:
+        return fn()
+    finally:
+        _IN_RETRIES.reset(token)
+
+
+def try_timeouts(cfg: StorageConfig) -> tuple[float, float]:
+    """(connect, read) seconds of one HTTP try: the configured ones, but never past the deadline."""
+    return min(cfg.connect_timeout_s, cfg.deadline_s), min(cfg.read_timeout_s, cfg.deadline_s)
 
 
 def _transient_errors() -> tuple:
@@ -167,7 +231,8 @@ def connection_errors() -> tuple:
     return tuple(errs)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error message, short enough for a one-line error."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
 
@@ -188,7 +253,7 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
         return loc.fs.get_file_info(sel)
 
-    infos = with_retries(_ls, f"list {loc.uri}", loc.storage)
+    infos = with_causes(_ls, f"list {loc.uri}", loc.storage)
     return sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
 
@@ -202,10 +267,17 @@ def read_bytes(loc: Location) -> bytes:
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
+    return with_causes(_read, f"read {loc.uri}", loc.storage)
+
+
+def with_causes(fn: Callable[[], T], what: str, cfg: Optional[StorageConfig] = None) -> T:
+    """with_retries(fn, what), where a missing or refused object is a StorageError saying so."""
     try:
-        return with_retries(_read, f"read {loc.uri}", loc.storage)
+        return with_retries(fn, what, cfg)
     except FileNotFoundError:
-        raise NotFound(f"not found: {loc.uri}") from None
+        raise NotFound(f"{what}: not found") from None
+    except PermissionError as exc:
+        raise StorageError(f"{what}: permission denied ({first_line(exc)})") from None
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

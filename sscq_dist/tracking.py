@@ -102,15 +102,26 @@ def _single_http_try(timeout_s: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
+# Metric holding how many metric values the logger dropped (buffer full during an outage).
+DROPPED_METRIC = "tracking/dropped_metrics"
+
+
 class RunLogger:
     """Logs metrics to one MLflow run with retries and an in-memory buffer during outages.
 
-    Training never waits long on tracking: each attempt is one HTTP request with
-    request_timeout_s, and once an outage is known every call makes a single attempt.
+    Training never waits long on tracking: a call makes up to max_attempts tries (backoff
+    backoff_s, 2 x backoff_s, ...), each one HTTP request with request_timeout_s; once an
+    outage is known every call makes a single try, and the values wait in a buffer of at
+    most max_buffer. Past it the oldest are dropped: one warning, and their count is logged
+    as the metric `tracking/dropped_metrics` when the server answers again.
+
+    once_prefix: keys logged at most once per step in the run, across loggers. A worker
+    group restarted from a checkpoint, or a rerun driver, redoes the epochs after it; the
+    epochs the run already shows are not logged a second time.
     """
 
     def __init__(self, uri: str, run_id: str, max_attempts: int = 3, backoff_s: float = 0.5,
-                 max_buffer: int = 100_000, request_timeout_s: int = 10):
+                 max_buffer: int = 100_000, request_timeout_s: int = 10, once_prefix: Optional[str] = "epoch/"):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -119,15 +130,21 @@ class RunLogger:
         self.backoff_s = backoff_s
         self.max_buffer = max_buffer
         self.request_timeout_s = request_timeout_s
+        self.once_prefix = once_prefix
         self.buffer: list = []
         self.warned = False
         self.failures = 0
+        self.tries = 0  # HTTP tries made (each log_batch request counts once)
+        self.dropped = 0  # values dropped from a full buffer
+        self._dropped_sent = 0
+        self._logged_steps: dict[str, set] = {}
 
     def _send(self, metrics: list) -> bool:
         attempts = 1 if self.warned else self.max_attempts
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.tries += 1
             try:
                 with _single_http_try(self.request_timeout_s):
                     for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
@@ -142,23 +159,60 @@ class RunLogger:
             self.warned = True
         return False
 
+    def _already_logged(self, key: str, step: int) -> bool:
+        """Whether the run already holds `key` at `step` (keys under once_prefix only)."""
+        if not self.once_prefix or not key.startswith(self.once_prefix):
+            return False
+        if key not in self._logged_steps:
+            known: set = set()
+            if not self.warned:  # during an outage, never wait on a lookup
+                try:
+                    with _single_http_try(self.request_timeout_s):
+                        known = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+                except Exception:  # noqa: BLE001 - unknown: log it (at worst twice) rather than lose it
+                    pass
+            self._logged_steps[key] = known
+        steps = self._logged_steps[key]
+        if step in steps:
+            return True
+        steps.add(step)
+        return False
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        fresh = {k: v for k, v in metrics.items() if not self._already_logged(k, step)}
+        if len(fresh) < len(metrics):
+            log.info("step %d: %d metric(s) under '%s' already logged by an earlier attempt of this run; "
+                     "not logged again", step, len(metrics) - len(fresh), self.once_prefix)
+        self.buffer.extend(Metric(k, float(v), ts, step) for k, v in fresh.items())
         if len(self.buffer) > self.max_buffer:
-            self.buffer = self.buffer[-self.max_buffer:]
+            over = len(self.buffer) - self.max_buffer
+            if not self.dropped:
+                log.warning("MLflow metric buffer full (%d values): dropping the oldest; the count goes to the "
+                            "metric %s once the server answers", self.max_buffer, DROPPED_METRIC)
+            self.dropped += over
+            self.buffer = self.buffer[over:]
         self.flush()
 
     def flush(self) -> bool:
         if not self.buffer:
             return True
+        from mlflow.entities import Metric
+
         pending, self.buffer = self.buffer, []
-        if self._send(pending):
+        count = []
+        if self.dropped > self._dropped_sent:
+            count = [Metric(DROPPED_METRIC, float(self.dropped), int(time.time() * 1000), pending[-1].step)]
+        if self._send(pending + count):
             if self.warned:
                 log.warning("MLflow tracking reachable again; flushed %d buffered metrics", len(pending))
                 self.warned = False
+            if count:
+                log.warning("%d metric values were dropped while MLflow tracking was unreachable (metric %s)",
+                            self.dropped - self._dropped_sent, DROPPED_METRIC)
+                self._dropped_sent = self.dropped
             return True
         self.buffer = pending + self.buffer
         return False
@@ -170,8 +224,8 @@ class RunLogger:
         while not self.flush():
             left = deadline - time.time()
             if left <= 0:
-                log.warning("MLflow tracking still unreachable; %d buffered metric values were not logged",
-                            len(self.buffer))
+                log.warning("MLflow tracking still unreachable; %d buffered metric values were not logged "
+                            "(%d dropped before)", len(self.buffer), self.dropped)
                 return False
             time.sleep(min(4 * self.backoff_s, left))
         return True

@@ -1,7 +1,7 @@
 """Helpers shared by the fault-injection tests (reliability, bad inputs, security).
 
 Real parts only: models are written as the plain-file model directory the registry reads,
-jobs run as real subprocesses, and services are real processes or real servers.
+jobs run as real subprocesses; Ray and `mlflow server` are real processes, S3 is moto's emulator.
 """
 
 from __future__ import annotations
@@ -155,3 +155,85 @@ class MlflowServer:
         if self.proc is not None:
             kill_group(self.proc)
             self.proc = None
+
+
+class HungEndpoint:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers.
+
+    What a client sees from an endpoint whose process is stuck (or a black-holing proxy):
+    the connection succeeds, no byte ever comes back. `connections` counts the accepted
+    connections, i.e. the HTTP tries a client made.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.held: list = []
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.held.append(conn)  # keep it open: never read, never answer
+            self.connections += 1
+
+    def close(self) -> None:
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+class DenyingEndpoint:
+    """An HTTP endpoint that answers every S3 request `403 AccessDenied`, as S3 does for a
+    bucket whose policy denies the caller."""
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+            b"<Message>Access Denied</Message></Error>")
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = self.BODY
+
+        class Deny(BaseHTTPRequestHandler):
+            def _deny(self, with_body: bool = True) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                self._deny(with_body=False)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _deny
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

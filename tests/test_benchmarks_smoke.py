@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,11 +24,15 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("bench-data") / "digits")
 
 
-def run_script(name: str, args: list, cwd) -> str:
+def run_script(name: str, args: list, cwd, timed: bool = False):
+    """The script's stdout (and, with timed, the seconds it ran: every time it reports
+    was measured inside that wall time)."""
+    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    return (proc.stdout, wall) if timed else proc.stdout
 
 
 def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir):
@@ -57,17 +62,24 @@ def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir):
 
 def test_train_throughput_smoke(tmp_path, data_dir):
     out = tmp_path / "train"
-    stdout = run_script("train_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path)
+    stdout, wall = run_script("train_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path,
+                              timed=True)
     assert "| setup | workers | torch threads / worker | images/s | vs plain PyTorch |" in stdout
     assert "| plain PyTorch, 1 process" in stdout and "| Ray Train + DeepSpeed ZeRO-1" in stdout
     res = json.loads((out / "train_throughput.json").read_text())
-    assert res["plain"]["images_per_s"] > 0
+    batch, plain = res["global_batch"], res["plain"]
     (ray_run,) = res["ray"]
-    assert ray_run["workers"] == 2 and ray_run["images_per_s"] > 0
-    assert len(ray_run["epoch_images_per_s"]) == 2  # one MLflow value per epoch
+    assert ray_run["workers"] == 2 and len(ray_run["epoch_images_per_s"]) == 2  # one MLflow value per epoch
+    # Each rate is images over a time measured inside the script's run: the timed plain steps,
+    # and every 3-step epoch inside the training run, which itself fits in the script's time.
+    assert 0 < plain["steps"] * batch / plain["images_per_s"] <= wall
+    assert 0 < ray_run["run_wall_s"] <= wall
+    for ips in ray_run["epoch_images_per_s"]:
+        assert 0 < res["steps"] * batch / ips <= ray_run["run_wall_s"], (ips, ray_run["run_wall_s"])
     assert 0.0 <= ray_run["data_wait_fraction"] <= 1.0
     assert res["overhead_ratio"]["2"] == pytest.approx(ray_run["images_per_s"] / res["plain"]["images_per_s"])
     assert res["pipeline"]["rows"] == 1500 and res["pipeline"]["dropped"] == 0  # the digits train split
+    assert 0 < 1500 / res["pipeline"]["images_per_s"] <= wall
     # The stream ships uint8 (C*H*W bytes + 13 of id/ok/shard), the old format two float32 views.
     sb = res["stream_bytes"]
     assert sb["chw"] <= sb["uint8_bytes_per_image"] <= sb["chw"] + 32
@@ -76,21 +88,35 @@ def test_train_throughput_smoke(tmp_path, data_dir):
 
 def test_encode_throughput_smoke(tmp_path, data_dir):
     out = tmp_path / "encode"
-    stdout = run_script("encode_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path)
+    stdout, wall = run_script("encode_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path,
+                              timed=True)
     assert "| path | images/s | vs bare forward |" in stdout and "| reindex job end to end" in stdout
     res = json.loads((out / "encode_throughput.json").read_text())
     assert res["reindex"]["rows"] == 2000 and res["stream"]["rows"] == 2000 and res["bare"]["rows"] == 2000
-    assert res["ratio_reindex_vs_bare"] > 0
+    # 2,000 rows in each measured time, and each time inside the script's run.
+    for rate in (res["reindex"]["images_per_s"], res["stream"]["images_per_s"], res["bare"]["forward_images_per_s"]):
+        assert 0 < 2000 / rate <= wall, rate
+    assert res["stream"]["first_batch_s"] <= res["stream"]["seconds"]
+    # The job end to end (actor start-up, decode, FAISS adds, writes) cannot beat the bare
+    # forward pass over the same decoded rows in memory.
+    assert 0 < res["ratio_reindex_vs_bare"] < 1
     # 32-bit fast-scan codes: 4 bytes of code per image plus the index's per-vector overhead.
     assert 4.0 <= res["reindex"]["bytes_per_image"] < 64.0
 
 
 def test_stream_passes_smoke(tmp_path):
-    stdout = run_script("stream_passes.py", ["--smoke"], tmp_path)
-    rows = [line for line in stdout.splitlines() if line.startswith("| one ")]
+    stdout, wall = run_script("stream_passes.py", ["--smoke"], tmp_path, timed=True)
+    rows = [[c.strip() for c in line.strip(" |").split("|")] for line in stdout.splitlines()
+            if line.startswith("| one ")]
     assert len(rows) == 6  # 3 epochs x (one stream, one execution per epoch)
-    rates = [float(r.split("|")[3]) for r in rows]
-    assert all(r > 0 for r in rates)
+    # The smoke's 2 consumers pause 0.005 s per batch of 128 rows: no epoch can go faster than
+    # those pauses allow; each epoch's rate is its 2,000 rows over its wall time; the epochs,
+    # timed inside the script's run, fit in it; the coordinator's CPU fits in its cores.
+    ips, cpu, epoch_s = ([float(r[i].replace(",", "")) for r in rows] for i in (2, 3, 4))
+    assert all(0 < x <= 2 * 128 / 0.005 for x in ips), ips
+    assert all(abs(2000 / x - t) <= 0.05 + 0.01 * t for x, t in zip(ips, epoch_s)), (ips, epoch_s)
+    assert sum(epoch_s) <= wall
+    assert all(0 <= c <= t * (os.cpu_count() or 1) + 0.1 for c, t in zip(cpu, epoch_s)), (cpu, epoch_s)
 
 
 def test_augment_speed_smoke(tmp_path):

@@ -136,12 +136,29 @@ def test_recall_at_counts_overlap():
     assert fi.recall_at(ref, ref, 4) == 1.0
 
 
-def test_measure_qps_is_positive():
+def test_measure_qps_reflects_the_work_searched():
+    """QPS is queries per second of index.search: the best of `repeats` runs of Q queries takes
+    Q / qps seconds, which cannot exceed the wall time / repeats; and an exhaustive scan of
+    100x the codes answers fewer queries per second."""
+    import time
+
     codebooks = make_codebooks(4)
-    x, ids = make_data(codebooks, 1000)
-    index = fi.build_pq_fastscan(codebooks)
-    fi.add(index, x, ids)
-    assert fi.measure_qps(index, x[:100], 10, repeats=2) > 0
+    x, ids = make_data(codebooks, 100_000)
+    small, large = fi.build_pq_fastscan(codebooks), fi.build_pq_fastscan(codebooks)
+    fi.add(small, x[:1000], ids[:1000])
+    fi.add(large, x, ids)
+    q = x[:200]
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # one thread: a busy machine preempts it less than a team of them
+    try:
+        t0 = time.perf_counter()
+        qps_small = fi.measure_qps(small, q, 10, repeats=5)
+        wall = time.perf_counter() - t0
+        qps_large = fi.measure_qps(large, q, 10, repeats=5)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert len(q) / qps_small <= wall / 5
+    assert qps_large < qps_small / 3, (qps_small, qps_large)  # measured ~20x apart
 
 
 def test_reservoir_keeps_a_uniform_seeded_sample():

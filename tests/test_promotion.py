@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import REPO
+from sscq_dist.errors import SSCQError
 from sscq_dist.model import build_model
-from sscq_dist.promotion import EXIT_ERROR, EXIT_PROMOTED, EXIT_REJECTED, decide, promote
+from sscq_dist.promotion import (EXIT_ERROR, EXIT_PROMOTED, EXIT_REJECTED, PROMOTION_EXPERIMENT, PromotionConflict,
+                                 commit, decide, promote, score_gate)
 from sscq_dist.registry import CHAMPION, alias_version, load_model, log_and_register
 
 
@@ -54,9 +56,64 @@ def test_gate_sequence(trained, versions):
     assert not worse.promote and worse.exit_code == EXIT_REJECTED
     assert alias_version(name, CHAMPION) == v["trained"]
     assert MlflowClient(cfg.tracking.tracking_uri).get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
-    # A negative margin lets a tie through; dry run changes nothing.
+    # A negative margin lets a tie through; a dry run writes nothing: no run, no tag, no alias.
+    before = _writes(cfg.tracking.tracking_uri, name, v["trained_copy"])
     dry = promote(name, v["trained_copy"], cfg, min_improvement=-0.01, dry_run=True)
-    assert dry.promote and alias_version(name, CHAMPION) == v["trained"]
+    assert dry.promote and "would promote" in dry.line() and alias_version(name, CHAMPION) == v["trained"]
+    assert _writes(cfg.tracking.tracking_uri, name, v["trained_copy"]) == before
+
+
+def _writes(uri: str, name: str, version: str) -> tuple:
+    """What a promotion can write: its runs, the version's tags, the champion alias."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
+    runs = [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
+    champ = client.get_registered_model(name).aliases.get(CHAMPION)
+    return sorted(runs), dict(client.get_model_version(name, version).tags), str(champ)
+
+
+def test_champion_moved_during_scoring_aborts_with_both_versions(trained, versions):
+    """Compare-and-set: another promotion moves `champion` after this one scored; the commit
+    aborts naming both versions and leaves the alias where the other one put it."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = trained["cfg"]
+    name, v = versions
+    client = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
+    client.set_registered_model_alias(name, CHAMPION, v["trained"])
+    d = score_gate(name, v["trained_copy"], cfg, min_improvement=-0.01)
+    assert d.promote and d.champion == v["trained"]
+    client.set_registered_model_alias(name, CHAMPION, v["untrained"])  # the concurrent promotion
+    with pytest.raises(PromotionConflict) as e:
+        commit(d, name, cfg, min_improvement=-0.01)
+    assert isinstance(e.value, SSCQError)  # jobs/promote.py: one error line, exit 2
+    msg = str(e.value)
+    assert f"from v{v['trained']} to v{v['untrained']}" in msg and f"v{v['trained_copy']}" in msg, msg
+    assert alias_version(name, CHAMPION) == v["untrained"]
+    assert client.get_model_version(name, v["trained_copy"]).tags.get("promotion.decision") != "promoted"
+    client.set_registered_model_alias(name, CHAMPION, v["trained"])
+
+
+def test_missing_gate_set(trained, versions, tmp_path):
+    """Only a config that asks for it (the demo's) builds a missing gate set from the bundled
+    digits, and never in a dry run; any other config gets an error naming data.queries_uri."""
+    import dataclasses
+
+    cfg = trained["cfg"]
+    name, v = versions
+    missing = str(tmp_path / "gate" / "test")
+    demo = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, queries_uri=missing))
+    assert demo.eval.gate_from_bundled_digits  # configs/digits.yaml
+    prod = dataclasses.replace(demo, eval=dataclasses.replace(demo.eval, gate_from_bundled_digits=False))
+    for c, dry, needle in ((prod, False, "data.queries_uri"), (demo, True, "--dry-run writes nothing")):
+        with pytest.raises(SSCQError) as e:
+            score_gate(name, v["trained_copy"], c, dry_run=dry)
+        assert needle in str(e.value) and missing in str(e.value), str(e.value)
+        assert not (tmp_path / "gate").exists()
+    built = score_gate(name, v["trained_copy"], demo)  # the digits' held-out split, as ingested for the others
+    assert built.candidate_map == pytest.approx(score_gate(name, v["trained_copy"], cfg).candidate_map)
 
 
 def _run_promote(args, env):
@@ -65,17 +122,20 @@ def _run_promote(args, env):
 
 
 def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     cfg = trained["cfg"]
     name, v = versions
     db = cfg.tracking.tracking_uri.replace("sqlite:///", "")
     copy = tmp_path / "mlflow-copy.db"
     shutil.copy(db, copy)
     uri = f"sqlite:///{copy}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias(name, CHAMPION, v["trained"])  # whatever ran before
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=REPO)
-    common = ["--name", name, "--config", os.path.join(REPO, "configs", "digits.yaml"),
-              f"data.train_uri={cfg.data.train_uri}", f"data.queries_uri={cfg.data.queries_uri}",
-              f"tracking.output_dir={tmp_path}/out"]
-    champion_before = alias_version(name, CHAMPION)
+    data = [f"data.train_uri={cfg.data.train_uri}", f"data.queries_uri={cfg.data.queries_uri}",
+            f"tracking.output_dir={tmp_path}/out"]
+    common = ["--name", name, "--config", os.path.join(REPO, "configs", "digits.yaml"), *data]
     missing = _run_promote(["--candidate", "999", *common], env)
     assert missing.returncode == EXIT_ERROR and "not found" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -92,10 +152,25 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
         holder.close()
     assert failed.returncode == EXIT_ERROR, failed.stdout + failed.stderr
     assert "error:" in failed.stderr and "Traceback" not in failed.stderr
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    assert alias_version(name, CHAMPION) == champion_before
-    ok = _run_promote(["--candidate", v["trained_copy"], "--dry-run", *common], env)
-    assert ok.returncode in (EXIT_PROMOTED, EXIT_REJECTED) and "champion" in ok.stdout
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    assert str(client.get_registered_model(name).aliases[CHAMPION]) == v["trained"]
+    # A dry run that would promote: exit 0, and nothing written.
+    before = _writes(uri, name, v["trained_copy"])
+    ok = _run_promote(["--candidate", v["trained_copy"], "--dry-run", "--min-improvement", "-0.01", *common], env)
+    assert ok.returncode == EXIT_PROMOTED, ok.stdout + ok.stderr
+    assert f"would promote v{v['trained_copy']}" in ok.stdout
+    assert _writes(uri, name, v["trained_copy"]) == before
+    # A worse candidate: exit 3, the decision recorded, the alias where it was.
+    worse = _run_promote(["--candidate", v["untrained"], *common], env)
+    assert worse.returncode == EXIT_REJECTED, worse.stdout + worse.stderr
+    assert f"rejected v{v['untrained']}" in worse.stdout
+    assert client.get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
+    assert str(client.get_registered_model(name).aliases[CHAMPION]) == v["trained"]
+    # A config that names no gate set (the defaults) is refused, naming the key; nothing is built.
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    nogate = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "promote.py"), "--name", name,
+                             "--candidate", v["trained_copy"], "--config", str(empty)], env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in nogate.stderr.splitlines() if ln.startswith("error:")]
+    assert nogate.returncode == EXIT_ERROR and len(lines) == 1, nogate.stdout + nogate.stderr
+    assert "data.queries_uri=data/digits/test" in lines[0] and not (tmp_path / "data").exists()

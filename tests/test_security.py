@@ -82,6 +82,7 @@ def test_no_credentials_anywhere(s3_bucket, tmp_path, ray_local):
     assert not leaked, leaked
     # Every object in the bucket, with the index manifest and metrics parsed as JSON.
     objects = _s3_objects(s3_bucket)
+    assert {"digits/train/_dataset.json", "digits/test/_dataset.json"} <= set(objects)  # records scanned too
     leaked = [k for k, v in objects.items() if _leaks(v)]
     assert not leaked, leaked
     (snap_key,) = [k for k in objects if "/snapshots/" in k and k.endswith(".json")]

@@ -38,7 +38,11 @@ def test_training_registers_challenger_with_metrics_and_artifacts(trained):
     assert len(epochs) == cfg.train.epochs
     assert epochs[-1].value < epochs[0].value  # it learns
     names = {a.path for a in client.list_artifacts(r.run_id)}
-    assert {"config.yaml", f"{cfg.train.run_name}-loss.png", "model"} <= names | {"model"}
+    assert {"config.yaml", f"{cfg.train.run_name}-loss.png"} <= names
+    # MLflow 3 keeps a logged model beside its run's artifacts: the version's model comes from this run.
+    logged = client.get_logged_model(mv.source.rsplit("/", 1)[-1])
+    assert logged.source_run_id == r.run_id
+    assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert os.path.exists(os.path.join(cfg.tracking.output_dir, f"{cfg.train.run_name}-loss.png"))
 
 
@@ -75,13 +79,17 @@ def test_quality_beats_untrained(trained):
 
 
 def _worker_pids():
-    """Live Ray Train worker processes (their process title is `ray::RayTrainWorker...`)."""
+    """Live Ray Train worker processes of this test's Ray (process title `ray::RayTrainWorker...`).
+
+    Only descendants of this process (the local Ray it started): another Ray on the machine
+    is neither killed nor taken for a replacement.
+    """
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker"):
+            if " ".join(p.cmdline() or []).startswith("ray::RayTrainWorker"):
                 pids.append(p.pid)
         except psutil.Error:
             continue

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sscq_dist.errors import SchemaError
-from sscq_dist.storage import Location, list_files, with_retries
+from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset, listed_sizes
+from sscq_dist.errors import SchemaError, StorageError
+from sscq_dist.storage import Location, first_line, list_files, with_causes
 
 IMAGE_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -16,7 +17,6 @@ IMAGE_SCHEMA = pa.schema([
 ])
 REQUIRED = {"id": "int64", "image": "binary"}
 OPTIONAL = {"uri": "string", "label": "list<int32>"}
-SHARD_PREFIX = "part-"
 
 
 def _type_ok(name: str, typ: pa.DataType) -> bool:
@@ -43,32 +43,45 @@ def check_schema(schema: pa.Schema, where: str) -> None:
             raise SchemaError(f"{where}: column '{col}' has type {schema.field(col).type}, expected {expected}")
 
 
-def shard_files(loc: Location) -> list:
-    """The `part-*.parquet` files under a prefix (or the single file the URI names)."""
+def shard_files(loc: Location, listing=None) -> list:
+    """The `part-*.parquet` files under a prefix (or the single file the URI names).
+
+    listing: the prefix's `list_files` result when the caller already has it.
+    """
     if loc.path.endswith(".parquet"):
         return [loc]
-    infos = [i for i in list_files(loc, ".parquet") if i.base_name.startswith(SHARD_PREFIX)]
+    infos = [i for i in (listing if listing is not None else list_files(loc))
+             if i.base_name.startswith(SHARD_PREFIX) and i.base_name.endswith(".parquet")]
     return [Location(loc.fs, i.path, loc.uri.rstrip("/") + "/" + i.base_name, loc.storage) for i in infos]
 
 
 def validate_shards(loc: Location) -> list[Location]:
-    """List and check every shard's footer schema (cheap: metadata only).
+    """Check a prefix is a whole image dataset and every shard's footer schema (metadata only).
 
-    A truncated or non-Parquet file, a missing or mistyped column, or an empty prefix is
-    one SchemaError naming the file.
+    An unfinished ingest or a shard that differs from the dataset record is a DatasetError
+    (`check_dataset`); a truncated or non-Parquet file, a missing or mistyped column, or an
+    empty prefix is a SchemaError; a shard that cannot be read is a StorageError naming why
+    (not found, permission denied, unreachable). Each names the file.
     """
-    files = shard_files(loc)
+    listing = None if loc.path.endswith(".parquet") else list_files(loc)
+    check_dataset(loc, None if listing is None else listed_sizes(listing))
+    files = shard_files(loc, listing)
     if not files:
         raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
     for f in files:
-        def _schema(f=f):
-            with f.fs.open_input_file(f.path) as fh:
-                return pq.read_schema(fh)
-        try:
-            schema = with_retries(_schema, f"read schema of {f.uri}", f.storage)
-        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-            if "unreachable" in str(exc):
-                raise
-            raise SchemaError(f"{f.uri}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
-        check_schema(schema, f.uri)
+        check_schema(read_shard_schema(f), f.uri)
     return files
+
+
+def read_shard_schema(f: Location) -> pa.Schema:
+    """One shard's footer schema; errors name the file and the real cause."""
+    def _schema():
+        with f.fs.open_input_file(f.path) as fh:
+            return pq.read_schema(fh)
+    try:
+        return with_causes(_schema, f"read schema of {f.uri}", f.storage)
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:  # the bytes came back but are not Parquet
+        raise SchemaError(f"{f.uri}: not a readable Parquet file ({first_line(exc)})") from None
+    except OSError as exc:
+        raise StorageError(f"{f.uri}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
+

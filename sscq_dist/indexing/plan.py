@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sscq_dist import storage
-from sscq_dist.data.schema import SHARD_PREFIX
+from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
 from sscq_dist.errors import IndexError_, SchemaError
 from sscq_dist.indexing.formats import (LEGACY_MANIFEST, PartEntry, Snapshot, SourceShard, list_generations,
                                         read_current, read_snapshot, snapshot_name, version_loc)
@@ -24,7 +24,9 @@ def list_source_shards(loc: Location) -> list[SourceShard]:
     """Every `part-*.parquet` directly under the prefix (or the one file named), with size and etag.
 
     One paged LIST: on S3 the listing carries each object's ETag; locally the etag is
-    'mtime:<ns>-size:<bytes>', which changes whenever the file is rewritten.
+    'mtime:<ns>-size:<bytes>', which changes whenever the file is rewritten. The same listing
+    feeds the dataset check (`check_dataset`): a prefix an ingest left unfinished is refused
+    and a dataset record is verified against the listed sizes, without another LIST.
     """
     if loc.path.endswith(".parquet"):  # one named shard: one HEAD
         if loc.is_s3:
@@ -57,6 +59,7 @@ def list_source_shards(loc: Location) -> list[SourceShard]:
             rows = []
         except NotADirectoryError:
             raise SchemaError(f"{loc.uri} is a file, not a prefix of part-*.parquet shards") from None
+    check_dataset(loc, {path.rsplit("/", 1)[-1]: size for path, size, _, _ in rows})
     return _local_or_s3(rows, loc, loc.uri.rstrip("/"))
 
 
