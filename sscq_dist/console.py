@@ -26,12 +26,25 @@ NOISY_LOGGERS = ("botocore", "s3fs", "urllib3", "aiobotocore", "alembic", "filel
 
 
 class Console:
-    """The operator's terminal. `out`/`err` are rebound to the terminal's duplicated fds in a quiet session."""
+    """The operator's terminal: the terminal's duplicated fds in a quiet session, else sys.stdout/stderr."""
 
     def __init__(self):
-        self.out: IO[str] = sys.stdout
-        self.err: IO[str] = sys.stderr
+        self.term_out: Optional[IO[str]] = None
+        self.term_err: Optional[IO[str]] = None
         self.log_path: Optional[str] = None
+
+    @property
+    def quiet(self) -> bool:
+        """In a quiet session: library output goes to the log file, not to the terminal."""
+        return self.term_out is not None
+
+    @property
+    def out(self) -> IO[str]:
+        return self.term_out or sys.stdout
+
+    @property
+    def err(self) -> IO[str]:
+        return self.term_err or sys.stderr
 
     def line(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -120,13 +133,12 @@ def quiet_session(job: str, log_dir: str, verbose: bool = False) -> Iterator[Opt
     term_out = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     term_err = os.fdopen(os.dup(saved[1]), "w", buffering=1)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    old_streams = (CONSOLE.out, CONSOLE.err)
-    CONSOLE.out, CONSOLE.err, CONSOLE.log_path = term_out, term_err, path
+    old_streams = (CONSOLE.term_out, CONSOLE.term_err)
+    CONSOLE.term_out, CONSOLE.term_err, CONSOLE.log_path = term_out, term_err, path
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     _configure_logging(sys.stderr, level)
     logging.getLogger().addHandler(_OperatorWarnings())
-    warnings.simplefilter("default")
     CONSOLE.line(f"log: {path}")
     try:
         yield path
@@ -137,6 +149,6 @@ def quiet_session(job: str, log_dir: str, verbose: bool = False) -> Iterator[Opt
         os.dup2(saved[1], 2)
         for fd in (*saved, log_fd):
             os.close(fd)
-        CONSOLE.out, CONSOLE.err = old_streams
+        CONSOLE.term_out, CONSOLE.term_err = old_streams
         term_out.close()
         term_err.close()

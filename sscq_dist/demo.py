@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sscq_dist.config import Config
+from sscq_dist.console import CONSOLE
 
 
 @dataclass
@@ -21,13 +22,14 @@ class DemoPaths:
 
 
 def _step(name: str) -> float:
-    print(f"\n=== {name} ===", flush=True)
+    CONSOLE.stage(name)
     return time.perf_counter()
 
 
-def _serve_once(index_root: str, cfg: Config, q, label_of: dict) -> list[str]:
+def _serve_once(index_root: str, cfg: Config, q, in_process_ids: list[int]) -> list[str]:
     """Start the search service (Ray Serve, 2 partitions), send one HTTP query, stop it.
-    Returns the summary lines: its top results and the command that keeps a service running."""
+    Returns the summary lines: its answer against the in-process one, and the command that
+    keeps a service running."""
     import dataclasses
     import io
 
@@ -48,12 +50,11 @@ def _serve_once(index_root: str, cfg: Config, q, label_of: dict) -> list[str]:
         service.stop()
     if status != 200:
         return [f"  search service         answered HTTP {status}: {body.get('error')}"]
-    lines = [f"  search service         POST {url}search -> snapshot {body['version']} in {body['took_ms']} ms:"]
-    for r, hit in enumerate(body["results"], 1):
-        lines.append(f"    {r}. id {hit['id']:5d}  label {(hit['label'] or [None])[0]}  dist {hit['distance']:.3f}  {hit['uri']}")
-    lines.append(f"  keep a service running  python jobs/serve.py --index-root {index_root} --partitions 2 "
-                 "(then open http://127.0.0.1:8000/)")
-    return lines
+    ids = [hit["id"] for hit in body["results"]]
+    same = "the same top-5 as in process" if ids == in_process_ids else f"top-5 ids {ids}"
+    return [f"  search service         POST {url}search -> snapshot {body['version']} in {body['took_ms']:.0f} ms: {same}",
+            f"  keep a service running  sscq serve --index-root {index_root} --partitions 2 "
+            "(then open http://127.0.0.1:8000/)"]
 
 
 def _free_port() -> int:
@@ -76,28 +77,28 @@ def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     t_all = time.perf_counter()
     _step("1/7 ingest (scikit-learn digits -> sharded Parquet)")
     if list_files(resolve(cfg.data.train_uri, cfg.storage), ".parquet"):
-        print(f"ingest: {cfg.data.train_uri} already present, reusing it")
+        CONSOLE.line(f"ingest: {cfg.data.train_uri} already present, reusing it")
     else:
         for s in ingest("digits", paths.data, rows_per_shard=500, storage=cfg.storage, progress=False):
-            print(s.line())
+            CONSOLE.line(s.line())
 
     _step(f"2/7 train (Ray Train + DeepSpeed ZeRO {cfg.train.zero_stage}, {cfg.train.num_workers} workers)")
     init_ray(cfg)
     tr = run_training(cfg)
-    print(f"train: registered {tr.model_name} v{tr.version} in {tr.seconds:.0f}s "
-          f"({tr.metrics.get('images_per_s', 0):.0f} img/s last epoch)")
+    CONSOLE.line(f"train: registered {tr.model_name} v{tr.version} in {tr.seconds:.0f}s "
+                 f"({tr.metrics.get('images_per_s', 0):.0f} img/s last epoch)")
 
     _step("3/7 evaluate (held-out queries vs the training images, with pixel baselines)")
     ev = run_evaluation(f"models:/{tr.model_name}/{tr.version}", cfg, out_dir=cfg.tracking.output_dir)
-    print(ev.table)
+    CONSOLE.line(ev.table)
 
     _step("4/7 promote (gate: beat the current champion)")
     decision = promote(tr.model_name, tr.version, cfg)
-    print(decision.line())
+    CONSOLE.line(decision.line())
 
     _step("5/7 reindex (Ray Data actor pool -> FAISS 4-bit fast-scan shards)")
     summary, metrics = run_reindex(cfg.data.train_uri, paths.index_root, f"models:/{tr.model_name}@champion", cfg)
-    print(summary.line())
+    CONSOLE.line(summary.line())
 
     _step("6/7 search in process (a held-out query image over all parts)")
     svc = QueryService.open(paths.index_root, cfg, cache_dir=os.path.join(".cache", "index"))
@@ -124,11 +125,11 @@ def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     ]
     for r, (i, d, u) in enumerate(zip(res.ids[0], res.distances[0], res.uris[0]), 1):
         lines.append(f"    {r}. id {int(i):5d}  label {label_of.get(int(i))}  dist {float(d):.3f}  {u}")
-    served = _serve_once(paths.index_root, cfg, q, label_of)
+    served = _serve_once(paths.index_root, cfg, q, [int(i) for i in res.ids[0]])
     lines += served
     lines.append(f"  total {time.perf_counter() - t_all:.0f}s; MLflow store: {os.environ.get('MLFLOW_TRACKING_URI') or cfg.tracking.tracking_uri or 'sqlite:///mlruns.db'}")
     lines.append("=" * 72)
-    print("\n".join(lines), flush=True)
+    CONSOLE.line("\n".join(lines))
     hits = sum(label_of.get(int(i)) == q.labels[0][0] for i in res.ids[0])
     return {"version": tr.version, "promoted": decision.promote, "map": ev.map, "pixel_pq_map": pixel_pq,
             "rows": summary.total_rows, "top5_same_label": int(hits), "metrics": metrics,

@@ -196,6 +196,8 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
     """
     from tqdm import tqdm
 
+    from sscq_dist.console import CONSOLE
+
     if rows_per_shard < 1:
         raise SSCQError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
     listing = list_files(dest)
@@ -209,7 +211,8 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
     buf: list[Record] = []
     entries: list[dr.ShardEntry] = []
     n_rows = 0
-    bar = tqdm(total=total, desc=f"ingest {dest.uri}", unit="img", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=total, desc=f"ingest {dest.uri}", unit="img", disable=not progress, file=CONSOLE.err,
+               mininterval=1.0)
 
     def flush() -> None:
         data = table_bytes(records_to_table(buf))

@@ -81,22 +81,8 @@ def read_model_dir(directory: str) -> tuple[torch.nn.Module, Config]:
     return model, cfg
 
 
-class SSCQPyfunc:
-    """MLflow pyfunc wrapper: images (N, C, H, W) float32 normalised -> embeddings (N, M*d)."""
-
-    def __new__(cls, *args, **kwargs):  # built lazily so importing this module needs no mlflow
-        import mlflow.pyfunc
-
-        class _Impl(mlflow.pyfunc.PythonModel):
-            def load_context(self, context):
-                self.model, self.cfg = read_model_dir(context.artifacts["model_dir"])
-
-            def predict(self, context, model_input, params=None):
-                x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-                with torch.no_grad():
-                    return self.model.embed(x).numpy()
-
-        return _Impl()
+# The pyfunc's source, logged as code (models from code): MLflow pickles nothing.
+PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_model.py")
 
 
 def _git_commit() -> str:
@@ -127,7 +113,7 @@ def log_and_register(state_dict: dict, cfg: Config, run_id: str, name: str, data
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
-                python_model=SSCQPyfunc(),
+                python_model=PYFUNC_CODE,
                 artifacts={"model_dir": model_dir},
                 code_paths=[pkg_dir],
                 input_example=example,

@@ -258,6 +258,15 @@ def list_files(loc: Location, suffix: str = "") -> list[pafs.FileInfo]:
                    and not i.base_name.startswith(".")), key=lambda i: i.path)
 
 
+def list_dirs(loc: Location) -> list[str]:
+    """Base names of the folders directly under a prefix, sorted; [] when it does not exist."""
+    def _ls():
+        return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+
+    return sorted(i.base_name for i in with_causes(_ls, f"list {loc.uri}", loc.storage)
+                  if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+
+
 class NotFound(StorageError):
     """The object or file does not exist (an answer, never retried)."""
 

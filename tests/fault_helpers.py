@@ -48,7 +48,9 @@ def job_cmd(script: str, *args: str) -> list[str]:
 
 def job_env(ray=None, **extra: str) -> dict:
     """Environment for a job subprocess; joins the session Ray when given (no second Ray start)."""
-    env = dict(os.environ, PYTHONPATH=REPO, SSCQ_LOG_LEVEL="INFO")
+    # Verbose: these tests read the jobs' log lines (and the workers' output) on the terminal;
+    # test_console.py covers the quiet default.
+    env = dict(os.environ, PYTHONPATH=REPO, SSCQ_LOG_LEVEL="INFO", SSCQ_VERBOSE="1")
     if ray is not None:
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     env.update(extra)

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import pyarrow.fs as pafs
 
 from sscq_dist.errors import DatasetError
+from sscq_dist.records import parse_json_record
 from sscq_dist.storage import Location, list_files, read_bytes, redact_uri
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,11 @@ class DatasetRecord:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "DatasetRecord":
-        try:
-            d = json.loads(data)
-            rec = cls(str(d["source"]), [ShardEntry(str(s["name"]), int(s["rows"]), int(s["bytes"]), str(s["sha256"]))
-                                         for s in d["shards"]], str(d.get("created", "")), int(d["format"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{where}: not a valid dataset record ({type(exc).__name__}: {exc}); "
-                               f"rerun the ingest with --overwrite") from None
+        """Parse with the package's one typed-record loader (same one-line errors as config and index files)."""
+        def error(msg: str) -> DatasetError:
+            return DatasetError(f"{msg}; rerun the ingest with --overwrite")
+
+        rec = parse_json_record(cls, data, where, error)
         if rec.format != RECORD_FORMAT:
             raise DatasetError(f"{where}: dataset record format {rec.format}, this version reads {RECORD_FORMAT}")
         return rec

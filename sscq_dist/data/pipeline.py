@@ -246,10 +246,12 @@ def pipeline_pass(uri: str, cfg: Config, batch_size: int = 256, two_views_on_con
     two augmented views made in this process, as a training worker makes them."""
     from tqdm import tqdm
 
+    from sscq_dist.console import CONSOLE
+
     ds, _ = decoded_images(uri, cfg)
     counter = DropCounter()
     t0 = time.perf_counter()
-    bar = tqdm(desc="pipeline", unit="img", disable=not progress, mininterval=2.0)
+    bar = tqdm(desc="pipeline", unit="img", disable=not progress, file=CONSOLE.err, mininterval=2.0)
     for step, batch in enumerate(counter.iterate(ds.iter_torch_batches(batch_size=batch_size))):
         if two_views_on_consumer and len(batch["id"]):
             two_views(batch["image"], cfg.data.augment, cfg.train.seed, 0, step)

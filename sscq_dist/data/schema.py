@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset, listed_sizes
 from sscq_dist.errors import SchemaError, StorageError
-from sscq_dist.storage import Location, first_line, list_files, with_causes
+from sscq_dist.storage import Location, first_line, list_dirs, list_files, with_causes
 
 IMAGE_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -55,6 +55,26 @@ def shard_files(loc: Location, listing=None) -> list:
     return [Location(loc.fs, i.path, loc.uri.rstrip("/") + "/" + i.base_name, loc.storage) for i in infos]
 
 
+def no_shards_error(loc: Location, max_folders: int = 20) -> SchemaError:
+    """The error for a prefix without shards, naming the sub-folders that have some.
+
+    `--images data/digits` (the prefix `make demo` ingests into, with train/ and test/
+    under it) gets "did you mean data/digits/train?". Costs one LIST per sub-folder, at
+    most `max_folders`, and only on this error path.
+    """
+    msg = f"no image shards (part-*.parquet) under {loc.uri}"
+    if loc.path.endswith(".parquet"):
+        return SchemaError(msg)
+    with_shards = [d for d in list_dirs(loc)[:max_folders]
+                   if any(i.base_name.startswith(SHARD_PREFIX) and i.base_name.endswith(".parquet")
+                          for i in list_files(loc.join(d)))]
+    if with_shards:
+        base = loc.uri.rstrip("/")
+        msg += (f": did you mean {' or '.join(f'{base}/{d}' for d in with_shards[:3])}? "
+                f"(a prefix is one split; sub-folders are not searched)")
+    return SchemaError(msg)
+
+
 def validate_shards(loc: Location) -> list[Location]:
     """Check a prefix is a whole image dataset and every shard's footer schema (metadata only).
 
@@ -67,7 +87,7 @@ def validate_shards(loc: Location) -> list[Location]:
     check_dataset(loc, None if listing is None else listed_sizes(listing))
     files = shard_files(loc, listing)
     if not files:
-        raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
+        raise no_shards_error(loc)
     for f in files:
         check_schema(read_shard_schema(f), f.uri)
     return files

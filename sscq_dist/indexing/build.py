@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from sscq_dist import storage
 from sscq_dist.config import Config, from_dict
+from sscq_dist.console import CONSOLE
 from sscq_dist.data.schema import check_schema
 from sscq_dist.errors import IndexError_, SchemaError, SSCQError, StorageError
 from sscq_dist.indexing import faiss_index as fi
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # Source shards per Ray Data input block: small enough that a retried block redoes little,
 # large enough that 100k shards are not 100k blocks.
 MAX_SHARDS_PER_BLOCK = 16
+# At most one `[reindex] parts ...` progress line per this many seconds.
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -227,11 +230,11 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
             else:
                 result.built += 1
                 result.built_rows += rec.rows
-        if progress and time.perf_counter() - last > 5:
+        if progress and time.perf_counter() - last > PROGRESS_EVERY_S:
             last = time.perf_counter()
-            print(f"[reindex] parts {len(result.records) + len(result.errors)}/{len(items)} "
-                  f"({result.built} built, {result.resumed} resumed); {result.built_rows} rows at "
-                  f"{result.built_rows / max(1e-9, last - t0):.0f} img/s", flush=True)
+            CONSOLE.line(f"[reindex] parts {len(result.records) + len(result.errors)}/{len(items)} "
+                         f"({result.built} built, {result.resumed} resumed); {result.built_rows} rows at "
+                         f"{result.built_rows / max(1e-9, last - t0):.0f} img/s")
     result.seconds = time.perf_counter() - t0
     return result
 

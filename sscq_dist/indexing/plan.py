@@ -14,6 +14,7 @@ from typing import Optional
 
 from sscq_dist import storage
 from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
+from sscq_dist.data.schema import no_shards_error
 from sscq_dist.errors import IndexError_, SchemaError
 from sscq_dist.indexing.formats import (LEGACY_MANIFEST, PartEntry, Snapshot, SourceShard, list_generations,
                                         read_current, read_snapshot, snapshot_name, version_loc)
@@ -72,7 +73,7 @@ def _local_or_s3(rows: list, loc: Location, parent_uri: str) -> list[SourceShard
         out.append(SourceShard(uri=f"{parent_uri}/{base}", size=int(size),
                                etag=etag or f"mtime:{mtime_ns}-size:{size}"))
     if not out:
-        raise SchemaError(f"no image shards (part-*.parquet) under {loc.uri}")
+        raise no_shards_error(loc)
     return sorted(out, key=lambda s: s.uri)
 
 

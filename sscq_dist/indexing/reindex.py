@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sscq_dist.config import Config
+from sscq_dist.console import CONSOLE
 from sscq_dist.errors import IndexError_
 from sscq_dist.failpoints import failpoint
 from sscq_dist.indexing import faiss_index as fi
@@ -152,9 +153,8 @@ def _build_and_assemble(plan: Plan, loaded: LoadedModel, cfg: Config, lock, prog
         params = {"nlist": nlist, "nprobe": cfg.index.nprobe}
         stages.done("ivf")
     if progress:
-        print(f"[reindex] {plan.root.uri}: {len(plan.todo)} of {len(plan.sources)} source shards to build "
-              f"for version {plan.version}{' (migrating from manifest.json)' if plan.migrating_legacy else ''}",
-              flush=True)
+        CONSOLE.line(f"[reindex] {plan.root.uri}: {len(plan.todo)} of {len(plan.sources)} source shards to build "
+                     f"for version {plan.version}{' (migrating from manifest.json)' if plan.migrating_legacy else ''}")
     job = BuildJob(root_uri=plan.root.uri, model_uri=loaded.uri, version=plan.version, codebook_checksum=checksum,
                    index_type=cfg.index.index_type, coarse_checksum=coarse, cfg_dict=enc_cfg.to_dict())
     built = build_parts(plan.todo, job, enc_cfg, lock, progress)

@@ -10,6 +10,7 @@ import uuid
 from typing import Optional
 
 from sscq_dist.config import Config
+from sscq_dist.console import CONSOLE
 from sscq_dist.errors import SSCQError
 
 
@@ -21,10 +22,10 @@ def start(index_root: str, cfg: Config, model_uri: Optional[str] = None, host: O
 
     init_ray(cfg)
     t0 = time.perf_counter()
-    print(f"serve: starting {cfg.serve.partitions} partition(s) x {cfg.serve.replicas_per_partition} replica(s) "
-          f"over {index_root} ...", flush=True)
+    CONSOLE.line(f"serve: starting {cfg.serve.partitions} partition(s) x {cfg.serve.replicas_per_partition} replica(s) "
+                 f"over {index_root} ...")
     url = start_local(index_root, cfg, model_uri=model_uri, host=host, port=port)
-    print(f"serve: ready in {time.perf_counter() - t0:.0f}s at {url}", flush=True)
+    CONSOLE.line(f"serve: ready in {time.perf_counter() - t0:.0f}s at {url}")
     return url
 
 
@@ -40,9 +41,9 @@ def run_until_interrupted(index_root: str, cfg: Config, model_uri: Optional[str]
     import signal
 
     url = start(index_root, cfg, model_uri, host, port)
-    print(f"open {url} in a browser; API: POST {url}search (multipart 'image' or JSON 'embedding'), "
-          f"GET {url}healthz, {url}version, {url}thumb/<id>", flush=True)
-    print("Ctrl-C stops the service", flush=True)
+    CONSOLE.line(f"open {url} in a browser; API: POST {url}search (multipart 'image' or JSON 'embedding'), "
+                 f"GET {url}healthz, {url}version, {url}thumb/<id>")
+    CONSOLE.line("Ctrl-C stops the service")
     # Ctrl-C and SIGTERM both stop cleanly (a shell that starts us in the background ignores
     # SIGINT, and Python then installs no KeyboardInterrupt handler of its own).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -51,10 +52,10 @@ def run_until_interrupted(index_root: str, cfg: Config, model_uri: Optional[str]
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("serve: stopping", flush=True)
+        CONSOLE.line("serve: stopping")
     finally:
         stop()
-    print("serve: stopped", flush=True)
+    CONSOLE.line("serve: stopped")
 
 
 def post_image(url: str, image: bytes, k: int, timeout: float = 30.0) -> tuple[int, dict]:

@@ -20,10 +20,12 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from sscq_dist.config import Config
+from sscq_dist.console import CONSOLE
 from sscq_dist.data.pipeline import TrainData, cached_train_data, check_drop_ceiling, streaming_train_data
 from sscq_dist.data.schema import validate_shards
 from sscq_dist.errors import SSCQError, TrainingError
 from sscq_dist.storage import Location, atomic_write_bytes, read_bytes, resolve, exists
+from sscq_dist.train.progress import ProgressRelay
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +212,20 @@ def run_training(cfg: Config, address: Optional[str] = None) -> TrainResult:
     data = train_data(cfg, rows)
     uri = configure(cfg.tracking)
     ray_name, run_id, resumed = _start_or_resume_run(cfg, uri)
-    log.info("training %s: %d rows, %d steps/epoch x %d epochs, %d workers, ZeRO %d%s",
-             ray_name, rows, spe, cfg.train.epochs, cfg.train.num_workers, cfg.train.zero_stage,
-             " (resumed)" if resumed else "")
-    trainer = build_trainer(cfg, ray_name, {"cfg": cfg.to_dict(), "steps_per_epoch": spe,
-                                            "run_id": run_id, "tracking_uri": uri}, data)
+    CONSOLE.line(f"train: {ray_name}: {rows} rows, {spe} steps/epoch x {cfg.train.epochs} epochs, "
+                 f"{cfg.train.num_workers} workers, ZeRO {cfg.train.zero_stage}"
+                 f"{' (resuming the unfinished run)' if resumed else ''}")
+    # A quiet job relays rank 0's progress lines to the terminal (worker output goes to its log file).
+    relay = ProgressRelay() if CONSOLE.quiet else None
+    trainer = build_trainer(cfg, ray_name, {"cfg": cfg.to_dict(), "steps_per_epoch": spe, "run_id": run_id,
+                                            "tracking_uri": uri, "progress_queue": relay and relay.queue}, data)
     try:
         result = trainer.fit()
     except Exception as exc:
         raise TrainingError(f"training run {ray_name} failed: {_root_cause(exc)}") from None
+    finally:
+        if relay:
+            relay.close()
     if getattr(result, "error", None):
         raise TrainingError(f"training run {ray_name} failed: {_root_cause(result.error)}")
     if result.checkpoint is None:

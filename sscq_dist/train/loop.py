@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from sscq_dist.config import Config, TrainConfig, from_dict
 from sscq_dist.data.pipeline import DropCounter, check_drop_ceiling
+from sscq_dist.train.progress import WorkerConsole
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,12 @@ def train_func(loop_config: dict) -> None:
     if precision.compile:
         engine.module.compile()  # in place: parameter names (checkpoints) unchanged
 
+    relay = WorkerConsole(loop_config.get("progress_queue") if rank == 0 else None)
+
+    def say(text: str, force: bool = False) -> None:
+        print(text, flush=True)  # every line reaches the job's log file
+        relay.line(text, force)  # a throttled few reach the operator's terminal
+
     pos = ResumePosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -227,8 +234,8 @@ def train_func(loop_config: dict) -> None:
                 bank.load_state_dict(torch.load(os.path.join(ckpt_dir, BANK_FILE.format(rank=rank)),
                                                 map_location=device, weights_only=True))
         if rank == 0:
-            print(f"[train] resumed from a checkpoint: epoch {pos.epoch + 1} step {pos.step_in_epoch} "
-                  f"(global step {pos.global_step})", flush=True)
+            say(f"[train] resumed from a checkpoint: epoch {pos.epoch + 1} step {pos.step_in_epoch} "
+                f"(global step {pos.global_step})", force=True)
     global_step, images_seen = pos.global_step, pos.images_seen
 
     logger = None
@@ -302,8 +309,8 @@ def train_func(loop_config: dict) -> None:
                                     "lr": scheduler.get_last_lr()[0], "images_per_s": rate,
                                     "codeword_entropy": float(losses["codeword_entropy"])}, step=global_step)
             if rank == 0 and global_step % cfg.train.log_every_steps == 0:
-                print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {first_step + steps}/{steps_per_epoch} "
-                      f"loss {float(losses['total'].detach()):.4f} {rate:.0f} img/s", flush=True)
+                say(f"[train] epoch {epoch + 1}/{cfg.train.epochs} step {first_step + steps}/{steps_per_epoch} "
+                    f"loss {float(losses['total'].detach()):.4f} {rate:.0f} img/s")
             if every and global_step % every == 0 and first_step + steps < steps_per_epoch:
                 t_ck = time.perf_counter()
                 _check_drops(drops, shard_uris, cfg.data.max_drop_fraction, world, device)
@@ -315,7 +322,7 @@ def train_func(loop_config: dict) -> None:
                 time.sleep(REPORT_POLLS_WAITED * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
                 if rank == 0:
                     print(f"[train] step checkpoint: epoch {epoch + 1} step {first_step + steps} "
-                          f"(global step {global_step})", flush=True)
+                          f"(global step {global_step})", flush=True)  # the log file only
                 checkpoint_s += time.perf_counter() - t_ck
                 t_ready = time.perf_counter()
         epoch_s = time.perf_counter() - epoch_t0 - checkpoint_s
@@ -336,10 +343,10 @@ def train_func(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
         if rank == 0:
-            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} done: loss {metrics['loss/total']:.4f}, "
-                  f"{metrics['images_per_s']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
-                  f"dropped {metrics['dropped_images']}, codeword entropy {metrics['codeword_entropy']:.2f}",
-                  flush=True)
+            say(f"[train] epoch {epoch + 1}/{cfg.train.epochs} done: loss {metrics['loss/total']:.4f}, "
+                f"{metrics['images_per_s']:.0f} img/s, data wait {100 * metrics['data_wait_fraction']:.1f}%, "
+                f"dropped {metrics['dropped_images']}, codeword entropy {metrics['codeword_entropy']:.2f}",
+                force=last)
     if logger:
         logger.close(cfg.tracking.final_flush_s)
 
