@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
-        a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [8], 10, 2, 1000
+        a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [], 10, 2, 1000
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     model = random_model_dir(os.path.join(a.out, "model"), 0)
     rng = np.random.default_rng(0)
     res = {"rows_per_shard": a.rows, "cores": bs.cpu_cores(), "baseline_commit": a.baseline_commit,
+           # What the previous design shipped to the driver per image: the float32 embedding.
+           "embedding_bytes_per_image": 4 * cfg.model.num_codebooks * cfg.model.codeword_dim,
            "new": [], "baseline": []}
     for S in sorted(set(a.shards) | set(a.baseline_shards)):
         images = os.path.join(a.out, f"images-{S}")
