@@ -31,6 +31,15 @@ def tracking_uri(cfg: Optional[TrackingConfig] = None) -> str:
     return f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
 
 
+def absolute_store_uri(uri: str) -> str:
+    """`sqlite:///relative.db` -> `sqlite:////<cwd>/relative.db` (other URIs unchanged), so a
+    process with another working directory opens the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
 def metric_key(name: str) -> str:
     """MLflow allows only [A-Za-z0-9_-. :/] in metric names: `precision@10` -> `precision_at_10`."""
     return name.replace("@", "_at_")

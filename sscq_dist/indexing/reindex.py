@@ -37,6 +37,7 @@ from sscq_dist.indexing.publish import (GcSummary, collect_garbage, flip_current
                                         publish_snapshot)
 from sscq_dist.registry import LoadedModel, load_model
 from sscq_dist.storage import redact_uri, resolve
+from sscq_dist.tracking import absolute_store_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,15 @@ class ReindexSummary:
 
 
 def encode_config(cfg: Config, loaded: LoadedModel) -> Config:
-    """The job's settings (index, storage) with the model's own architecture and input size."""
+    """The job's settings (index, storage) with the model's own architecture and input size.
+
+    The tracking URI is resolved here, on the driver: actors load the model themselves, and a
+    default or relative SQLite store would otherwise resolve against each actor's own working
+    directory (another file, or none). Actors only: this config is never logged.
+    """
     data = dataclasses.replace(cfg.data, image_size=loaded.cfg.data.image_size, channels=loaded.cfg.data.channels)
-    return dataclasses.replace(cfg, data=data, model=loaded.cfg.model)
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=absolute_store_uri(tracking_uri(cfg.tracking)))
+    return dataclasses.replace(cfg, data=data, model=loaded.cfg.model, tracking=tracking)
 
 
 def model_version(loaded: LoadedModel) -> str:

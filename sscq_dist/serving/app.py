@@ -43,6 +43,7 @@ from sscq_dist.search import merge_topk
 from sscq_dist.serving.api import BadRequest, decode_query_image, parse_json_query, parse_k
 from sscq_dist.serving.holder import NotReady, SnapshotHolder
 from sscq_dist.serving.rows import ShardRowReader, thumbnail_png
+from sscq_dist.tracking import absolute_store_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +494,9 @@ def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = N
     if sv.cache_dir and "://" not in sv.cache_dir:
         cfg = dataclasses.replace(cfg, serve=dataclasses.replace(sv, cache_dir=os.path.abspath(sv.cache_dir)))
         sv = cfg.serve
+    # The ingress loads the query encoder from the registry: resolve the store here, not in the replica's cwd.
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, tracking_uri=absolute_store_uri(tracking_uri(cfg.tracking))))
     health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s}
     runtime = runtime_settings(sv)
     parts = [PartitionServer.options(name=partition_name(i), num_replicas=sv.replicas_per_partition,
