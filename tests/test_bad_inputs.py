@@ -157,7 +157,7 @@ def test_reindex_encodes_good_rows_and_counts_bad_ones(mixed_shard, model_dir, t
     s = Searcher.open(root, cfg.storage)
     ids = np.concatenate([fi.index_codes(sh)[0] for sh in s.parts])
     assert sorted(ids.tolist()) == mixed_shard["good_ids"]
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name(REINDEX_EXPERIMENT)
     run = client.search_runs([exp.experiment_id])[0]
     assert run.data.metrics["dropped_images"] == n_bad

@@ -19,7 +19,7 @@ def test_trained_model_beats_raw_pixel_pq_at_32_bits(trained, tmp_path):
     assert os.path.exists(out.plot_path) and os.path.getsize(out.plot_path) > 1000
     report = json.load(open(out.report_path))
     assert report["model"]["map_sql2"] == out.map
-    mv = MlflowClient(cfg.tracking.tracking_uri).get_model_version("sscq", r.version)
+    mv = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri).get_model_version("sscq", r.version)
     assert float(mv.tags["eval.map_at_100"]) == round(out.map, 6) or abs(float(mv.tags["eval.map_at_100"]) - out.map) < 1e-6
-    run = MlflowClient(cfg.tracking.tracking_uri).get_run(mv.tags["eval.run_id"])
+    run = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri).get_run(mv.tags["eval.run_id"])
     assert "sscq/map" in run.data.metrics and "pixel_pq/map" in run.data.metrics

@@ -45,7 +45,7 @@ def test_gate_sequence(trained, versions):
     better = promote(name, v["trained"], cfg)
     assert better.promote and better.candidate_map > better.champion_map
     assert alias_version(name, CHAMPION) == v["trained"]
-    tags = MlflowClient(cfg.tracking.tracking_uri).get_model_version(name, v["trained"]).tags
+    tags = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri).get_model_version(name, v["trained"]).tags
     assert tags["promotion.decision"] == "promoted" and float(tags["promotion.champion_map"]) == pytest.approx(better.champion_map, abs=1e-6)
     # A tie (same weights) is not an improvement at the default margin.
     tie = promote(name, v["trained_copy"], cfg)
@@ -55,7 +55,7 @@ def test_gate_sequence(trained, versions):
     worse = promote(name, v["untrained"], cfg, min_improvement=0.0)
     assert not worse.promote and worse.exit_code == EXIT_REJECTED
     assert alias_version(name, CHAMPION) == v["trained"]
-    assert MlflowClient(cfg.tracking.tracking_uri).get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
+    assert MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri).get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
     # A negative margin lets a tie through; a dry run writes nothing: no run, no tag, no alias.
     before = _writes(cfg.tracking.tracking_uri, name, v["trained_copy"])
     dry = promote(name, v["trained_copy"], cfg, min_improvement=-0.01, dry_run=True)

@@ -204,7 +204,9 @@ def test_s3_plan_is_one_listing_and_append_publishes_a_new_generation(trained, m
     monkeypatch.setattr(storage, "s3fs_filesystem", original)
     assert again.nothing_to_do
     on_sources = [c for c in calls if c[1].startswith("images/")]
-    assert [c[0] for c in on_sources] == ["ListObjectsV2"], calls
+    record = [c for c in on_sources if c[1].endswith("/_dataset.json")]  # the dataset check's one small object
+    assert [c[0] for c in on_sources if c not in record] == ["ListObjectsV2"], calls
+    assert {c[0] for c in record} <= {"HeadObject", "GetObject"} and len(record) <= 2, calls
     # Two new source shards (the held-out digits, re-numbered as part-00006/7): generation 2.
     import s3fs
 

@@ -55,7 +55,7 @@ def get(url, timeout=30):
 def rows_of(uri):
     """(ids, image bytes, labels) of every row of a shard folder, in shard order."""
     ids, imgs, labels = [], [], []
-    for f in sorted(os.listdir(uri)):
+    for f in sorted(f for f in os.listdir(uri) if f.startswith("part-") and f.endswith(".parquet")):
         t = pq.read_table(os.path.join(uri, f))
         ids += t.column("id").to_pylist()
         imgs += t.column("image").to_pylist()

@@ -24,7 +24,7 @@ def test_training_registers_challenger_with_metrics_and_artifacts(trained):
 
     cfg, r = trained["cfg"], trained["result"]
     assert trained["seconds"] < 300, f"demo training took {trained['seconds']:.0f}s (limit 5 min)"
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)  # not a global one
     mv = client.get_model_version_by_alias("sscq", "challenger")
     assert str(mv.version) == r.version
     assert {"git_commit", "data_uri", "bits", "config_hash"} <= set(mv.tags)
@@ -137,7 +137,7 @@ def test_worker_killed_between_step_checkpoints_resumes_mid_epoch(tmp_path, digi
     result = run_training(cfg)
     t.join(timeout=1)
     assert "pid" in killed, f"no worker was killed: {killed.get('error', 'no checkpoint appeared')}"
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
 
     def history(key):
         return sorted(client.get_metric_history(result.run_id, key), key=lambda m: (m.step, m.timestamp))
