@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from typing import IO, Iterator, Optional
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

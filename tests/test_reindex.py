@@ -21,7 +21,7 @@ from sscq_dist.encoding import encode_set
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.build import BuildJob, build_parts
-from sscq_dist.indexing.formats import (list_generations, read_current, read_snapshot, snapshot_loc, version_loc)
+from sscq_dist.indexing.formats import (list_generations, read_current, read_snapshot, snapshot_loc)
 from sscq_dist.indexing.job import run_reindex
 from sscq_dist.indexing.lock import IndexLock
 from sscq_dist.indexing.plan import list_source_shards

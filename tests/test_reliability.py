@@ -29,7 +29,6 @@ import pytest
 from conftest import make_cfg
 from fault_helpers import (DIGITS_YAML, HungEndpoint, MlflowServer, assert_one_error_line, free_port, job_cmd,
                            job_env, kill_group, random_model_dir, run_job, start_job, wait_for)
-from sscq_dist.errors import StorageError
 
 # Small retry budget so an outage is detected in well under a second of backoff.
 FAST_RETRIES = ["storage.max_attempts=2", "storage.retry_backoff_s=0.05"]

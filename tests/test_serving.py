@@ -26,7 +26,7 @@ from conftest import REPO, free_port
 from fault_helpers import random_model_dir
 from sscq_dist.config import ServeConfig
 from sscq_dist.data.decode import decode_image
-from sscq_dist.encoding import embed_images, load_images
+from sscq_dist.encoding import embed_images
 from sscq_dist.indexing.formats import read_current
 from sscq_dist.indexing.reindex import reindex
 from sscq_dist.registry import load_model
