@@ -231,6 +231,14 @@ def curve_points(r, cfg: Config, sets, topk: int, final: dict) -> list[dict]:
     return sorted(points, key=lambda p: p["epoch"])
 
 
+def max_deviation(rates: list[float]) -> Optional[float]:
+    """Largest |rate / mean - 1| over the given epochs (None for fewer than two)."""
+    if len(rates) < 2:
+        return None
+    mean = float(np.mean(rates))
+    return float(max(abs(r / mean - 1.0) for r in rates))
+
+
 def train_and_evaluate(a, method: str, bits: int, epochs: int, db_uri: str, q_uri: str, tracking_uri: str,
                        sets, topk: int, curve: bool) -> dict:
     from sscq_dist.registry import load_model
@@ -254,7 +262,11 @@ def train_and_evaluate(a, method: str, bits: int, epochs: int, db_uri: str, q_ur
            "train_wall_s": train_s, "eval_s": eval_s, "run_id": r.run_id, "model_version": r.version,
            # Steady state: epochs after the first, which carries the input pipeline's start-up.
            "images_per_s": float(np.mean(ips[1:] or ips)) if ips else None,
-           "data_wait_fraction": float(np.mean(wait[1:] or wait)) if wait else None}
+           "data_wait_fraction": float(np.mean(wait[1:] or wait)) if wait else None,
+           # Every epoch's rate, so a slow phase in a long run shows (issue 14: each epoch after
+           # the first within 10 % of their mean).
+           "epoch_images_per_s": [float(x) for x in ips],
+           "max_epoch_deviation": max_deviation(ips[1:])}
     if curve:
         row["curve"] = curve_points(r, cfg, sets, topk, scores)
     return row
