@@ -144,7 +144,8 @@ def replicate_digits(dest: str, rows: int, rows_per_shard: int = 2000) -> str:
 
 
 def start_ray(num_cpus: int, quiet: bool) -> None:
-    """A local Ray with `num_cpus` logical CPUs; quiet keeps worker logs off the driver's stdout.
+    """A local Ray with `num_cpus` logical CPUs (or the cluster RAY_ADDRESS names); quiet keeps
+    worker logs off the driver's stdout.
 
     The runtime env puts the repository on the workers' path, as `init_ray` does.
     """
@@ -156,8 +157,13 @@ def start_ray(num_cpus: int, quiet: bool) -> None:
     if ray.is_initialized():
         return
     path = os.pathsep.join(p for p in [REPO, os.environ.get("PYTHONPATH", "")] if p)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    env = {"env_vars": {"PYTHONPATH": path}}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a running cluster (the test suite's session Ray): join it, sized as it is
+        ray.init(address="auto" if address.startswith("http") else address, log_to_driver=not quiet,
+                 runtime_env=env)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet, runtime_env=env)
 
 
 def tracking_store(out_dir: str, experiment: str) -> str:

@@ -24,21 +24,25 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("bench-data") / "digits")
 
 
-def run_script(name: str, args: list, cwd, timed: bool = False):
+def run_script(name: str, args: list, cwd, timed: bool = False, ray=None):
     """The script's stdout (and, with timed, the seconds it ran: every time it reports
-    was measured inside that wall time)."""
+    was measured inside that wall time). With `ray` the script joins the session's Ray
+    (RAY_ADDRESS) instead of starting its own."""
+    env = dict(os.environ)
+    if ray is not None:
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(BENCH, name), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+                          capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, env=env)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return (proc.stdout, wall) if timed else proc.stdout
 
 
-def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir):
+def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir, ray_local):
     out = tmp_path / "quality"
     args = ["--smoke", "--source", "digits", "--data-dir", data_dir, "--out", out]
-    stdout = run_script("quality_fashion_mnist.py", args, tmp_path)
+    stdout = run_script("quality_fashion_mnist.py", args, tmp_path, ray=ray_local)
     assert "| method | bits | mAP@100 sqL2 ADC | mAP@100 l2sum |" in stdout
     assert "| sscq | 32 |" in stdout and "| pixel_pq | 32 |" in stdout
     report = json.loads((out / "results.json").read_text())
@@ -60,10 +64,10 @@ def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir):
     assert json.loads((out / "results.json").read_text())["results"] == res
 
 
-def test_train_throughput_smoke(tmp_path, data_dir):
+def test_train_throughput_smoke(tmp_path, data_dir, ray_local):
     out = tmp_path / "train"
     stdout, wall = run_script("train_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path,
-                              timed=True)
+                              timed=True, ray=ray_local)
     assert "| setup | workers | torch threads / worker | images/s | vs plain PyTorch |" in stdout
     assert "| plain PyTorch, 1 process" in stdout and "| Ray Train + DeepSpeed ZeRO-1" in stdout
     res = json.loads((out / "train_throughput.json").read_text())
@@ -86,10 +90,10 @@ def test_train_throughput_smoke(tmp_path, data_dir):
     assert sb["float_views_bytes_per_image"] >= 8 * sb["chw"]
 
 
-def test_encode_throughput_smoke(tmp_path, data_dir):
+def test_encode_throughput_smoke(tmp_path, data_dir, ray_local):
     out = tmp_path / "encode"
     stdout, wall = run_script("encode_throughput.py", ["--smoke", "--data-dir", data_dir, "--out", out], tmp_path,
-                              timed=True)
+                              timed=True, ray=ray_local)
     assert "| path | images/s | vs bare forward |" in stdout and "| reindex job end to end" in stdout
     res = json.loads((out / "encode_throughput.json").read_text())
     assert res["reindex"]["rows"] == 2000 and res["stream"]["rows"] == 2000 and res["bare"]["rows"] == 2000
@@ -152,9 +156,9 @@ def test_serve_bench_smoke(tmp_path):
     assert mem["codes_plus_ids_per_row"] == 12 and mem["accounted_per_row"] == pytest.approx(16, abs=0.5)
 
 
-def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path):
+def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path, ray_local):
     out = tmp_path / "scale"
-    stdout = run_script("index_scale.py", ["--smoke", "--out", out], tmp_path)
+    stdout = run_script("index_scale.py", ["--smoke", "--out", out], tmp_path, ray=ray_local)
     assert "| snapshots (this) | 24 |" in stdout  # the smoke skips the previous design's run (minutes)
     res = json.loads((out / "index_scale.json").read_text())
     per_shard = [r["bytes"]["metadata"] / r["shards"] for r in res["new"]]

@@ -299,7 +299,7 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     logs.append(out)
 
     train = [ray_bin, "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py",
-             "--config", "configs/digits.yaml", *common, "train.epochs=2", "train.run_name=e2e",
+             "--config", "configs/digits.yaml", *common, "train.epochs=1", "train.run_name=e2e",
              f"train.storage_path={tmp_path}/runs", f"tracking.output_dir={tmp_path}/out"]
     r, out = _e2e_run(train, env)
     logs.append(out)
@@ -318,10 +318,7 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     r, out = _e2e_run(reidx, env)
     logs.append(out)
     assert r.returncode == 0 and "succeeded" in out and "CURRENT -> " + version in out, out[-3000:]
-    # A second scheduled run finds nothing to do.
-    r, out = _e2e_run(reidx, env)
-    logs.append(out)
-    assert r.returncode == 0 and "nothing to do" in out, out[-3000:]
+    # (A rerun with nothing new is a no-op: tests/test_reindex.py, in process, to keep this short.)
 
     # Client side: this process talks to the same S3 endpoint and MLflow server.
     for k, v in stack.client_env.items():

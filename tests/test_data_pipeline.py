@@ -3,6 +3,8 @@ decode-once cache, eval determinism, corrupt-row counting, schema errors."""
 
 import io
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -25,6 +27,19 @@ from sscq_dist.ingest import ingest, png_bytes
 @pytest.fixture(scope="module")
 def cfg():
     return load_config("configs/digits.yaml", ["data.decode_batch_size=64", "data.image_size=28"])
+
+
+def test_decode_tasks_do_not_import_torch():
+    """The training stream's Ray Data functions live in a torch-free module, so a decode task
+    pays for PIL and numpy only, not torch's import (seconds of CPU and hundreds of MB in
+    every Ray worker that decodes)."""
+    from sscq_dist.data import pipeline
+
+    assert pipeline.decode_train_batch.__module__ == pipeline.drop_stats.__module__ == "sscq_dist.data.decode"
+    code = "import sys, sscq_dist.data.decode, sscq_dist.config; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_train_stream_ships_uint8_nhwc_from_s3(ray_local, s3_bucket, cfg):

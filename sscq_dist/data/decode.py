@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from sscq_dist.config import DataConfig
 
 
 def decode_image(data: Optional[bytes], size: int, channels: int, max_pixels: int) -> Optional[np.ndarray]:
@@ -74,3 +78,32 @@ def decode_batch(images, size: int, channels: int, max_pixels: int) -> tuple[np.
             out[i] = arr
             ok[i] = True
     return out, ok
+
+
+# Ray Data map functions of the training stream (sscq_dist.data.pipeline). They live in this
+# torch-free module so a decode task imports PIL and numpy only: importing torch costs
+# each new Ray Data worker seconds of CPU and hundreds of MB of memory.
+
+def _shard_index(paths, index: dict[str, int]) -> np.ndarray:
+    """Source-file index per row from Ray Data's `path` column (basename as the fallback key)."""
+    out = np.empty(len(paths), dtype=np.int32)
+    for i, p in enumerate(paths):
+        out[i] = index.get(p, index.get(os.path.basename(str(p)), -1))
+    return out
+
+
+def decode_train_batch(batch: dict, data_cfg: "DataConfig", shard_index: dict[str, int]) -> dict:
+    """Ray Data batch (id, image bytes, path) -> id, ok, shard, image uint8 (N, H, W, C)."""
+    imgs, ok = decode_batch(batch["image"], data_cfg.image_size, data_cfg.channels, data_cfg.max_image_pixels)
+    return {"id": np.asarray(batch["id"], dtype=np.int64), "ok": ok,
+            "shard": _shard_index(batch["path"], shard_index),
+            "image": np.ascontiguousarray(imgs.transpose(0, 2, 3, 1))}
+
+
+def drop_stats(batch: dict) -> dict:
+    """One row per batch: rows, undecodable rows, and the undecodable count per shard index."""
+    bad = ~np.asarray(batch["ok"], dtype=bool)
+    shards, counts = np.unique(np.asarray(batch["shard"])[bad], return_counts=True)
+    return {"rows": np.array([len(bad)]), "dropped": np.array([int(bad.sum())]),
+            "shards": np.array([shards.astype(np.int64)], dtype=object),
+            "counts": np.array([counts.astype(np.int64)], dtype=object)}

@@ -33,7 +33,8 @@ import torch
 
 from sscq_dist.config import Config, DataConfig
 from sscq_dist.data.augment import eval_view, two_views
-from sscq_dist.data.decode import decode_batch
+# The Ray Data map functions live in decode.py: their tasks then never import torch.
+from sscq_dist.data.decode import decode_batch, decode_train_batch, drop_stats
 from sscq_dist.data.schema import validate_shards
 from sscq_dist.errors import TrainingError
 from sscq_dist.storage import resolve
@@ -77,22 +78,6 @@ class TrainData:
     dropped_by_shard: dict = field(default_factory=dict)
 
 
-def _shard_index(paths, index: dict[str, int]) -> np.ndarray:
-    """Source-file index per row from Ray Data's `path` column (basename as the fallback key)."""
-    out = np.empty(len(paths), dtype=np.int32)
-    for i, p in enumerate(paths):
-        out[i] = index.get(p, index.get(os.path.basename(str(p)), -1))
-    return out
-
-
-def decode_train_batch(batch: dict, data_cfg: DataConfig, shard_index: dict[str, int]) -> dict:
-    """Ray Data batch (id, image bytes, path) -> id, ok, shard, image uint8 (N, H, W, C)."""
-    imgs, ok = decode_batch(batch["image"], data_cfg.image_size, data_cfg.channels, data_cfg.max_image_pixels)
-    return {"id": np.asarray(batch["id"], dtype=np.int64), "ok": ok,
-            "shard": _shard_index(batch["path"], shard_index),
-            "image": np.ascontiguousarray(imgs.transpose(0, 2, 3, 1))}
-
-
 def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) -> tuple["ray.data.Dataset", list[str]]:
     """(lazy dataset of id, ok, shard, uint8 NHWC image, source file uris).
 
@@ -113,18 +98,10 @@ def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) ->
     return ds, [f.uri for f in files]
 
 
-def _drop_stats(batch: dict) -> dict:
-    bad = ~np.asarray(batch["ok"], dtype=bool)
-    shards, counts = np.unique(np.asarray(batch["shard"])[bad], return_counts=True)
-    return {"rows": np.array([len(bad)]), "dropped": np.array([int(bad.sum())]),
-            "shards": np.array([shards.astype(np.int64)], dtype=object),
-            "counts": np.array([counts.astype(np.int64)], dtype=object)}
-
-
 def count_dropped(ds: "ray.data.Dataset") -> tuple[int, int, dict[int, int]]:
     """(rows, undecodable rows, {shard index: undecodable rows}) of a decoded dataset."""
     rows, dropped, by_shard = 0, 0, Counter()
-    stats = ds.select_columns(["ok", "shard"]).map_batches(_drop_stats, batch_size=None, batch_format="numpy")
+    stats = ds.select_columns(["ok", "shard"]).map_batches(drop_stats, batch_size=None, batch_format="numpy")
     for b in stats.iter_batches(batch_size=None, batch_format="numpy"):
         rows += int(np.sum(b["rows"]))
         dropped += int(np.sum(b["dropped"]))
