@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from sscq_dist.config import AugmentConfig, load_config
 from sscq_dist.data.augment import NORM_MEAN, NORM_STD, sample_params, two_views, view_seed
 from sscq_dist.data.decode import decode_image
@@ -38,7 +39,7 @@ def test_decode_tasks_do_not_import_torch():
     assert pipeline.decode_train_batch.__module__ == pipeline.drop_stats.__module__ == "sscq_dist.data.decode"
     code = "import sys, sscq_dist.data.decode, sscq_dist.config; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                         env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
