@@ -133,13 +133,39 @@ def small_shards(tmp_path):
     return str(tmp_path / "d" / "test")
 
 
+def _file_orders(uri, cfg, seed, executions: int) -> list[list[int]]:
+    """Source-file order of each execution of one consumer, with Ray Data's output order kept
+    (otherwise read tasks finishing in varying order reorder blocks even without a shuffle)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds = decoded_images(uri, cfg, shuffle_seed=seed)[0] if seed is None else \
+            streaming_train_data(uri, cfg, seed=seed).dataset
+        orders = []
+        for _ in range(executions):
+            seq = []
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                seq.extend(int(s) for s in b["shard"] if not seq or seq[-1] != int(s))
+            orders.append(seq)
+        return orders
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
 def test_streaming_epochs_see_different_orders(ray_local, small_shards, cfg):
     td = streaming_train_data(small_shards, cfg, seed=0)
     assert not td.cached
     orders = _split_epochs(td.dataset, 2)
     assert all(sorted(o) == sorted(orders[0]) and len(o) == 297 for o in orders)  # every row once per epoch
-    # Not the same rows first: the file order changed (the split alone would only interleave them).
-    assert orders[0][:40] != orders[1][:40] and set(orders[0][:40]) != set(orders[1][:40])
+    # The file order of each execution (one per epoch): a permutation of the 8 files, a new one per
+    # epoch, the same sequence again for the same seed; without a seed, the listed order every time.
+    first, second = _file_orders(small_shards, cfg, 0, 2)
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
+    assert _file_orders(small_shards, cfg, 0, 1)[0] == first
+    assert _file_orders(small_shards, cfg, None, 2) == [list(range(8))] * 2
 
 
 def test_cached_path_decodes_once_and_reshuffles_every_epoch(ray_local, small_shards, cfg):

@@ -91,8 +91,9 @@ def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) ->
     index = {f.path: i for i, f in enumerate(files)}
     index.update({os.path.basename(f.path): i for i, f in enumerate(files)})
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, include_paths=True, shuffle=shuffle,
-                               columns=["id", "image"])
+    # The projection is pushed down into the Parquet read: only these columns leave storage.
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, include_paths=True,
+                               shuffle=shuffle).select_columns(["id", "image", "path"])
     ds = ds.map_batches(decode_train_batch, fn_kwargs={"data_cfg": cfg.data, "shard_index": index},
                         batch_size=cfg.data.decode_batch_size, batch_format="numpy")
     return ds, [f.uri for f in files]

@@ -85,7 +85,7 @@ def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_ur
     shards, fraction = sample_plan(sources, want, seed, rows_est)
     fs = resolve(shards[0].uri, enc_cfg.storage).fs
     paths = [resolve(s.uri, enc_cfg.storage).path for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image"])
     if fraction < 1.0:
         ds = ds.random_sample(fraction, seed=seed)
     kwargs = {"model_uri": model_uri, "cfg_dict": enc_cfg.to_dict(), "codebook_checksum": fi.codebook_checksum(codebooks),
