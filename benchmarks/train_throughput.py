@@ -109,12 +109,15 @@ def _views(out, n: int):
     return part(slice(0, n)), part(slice(n, 2 * n))
 
 
-def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, threads: int) -> dict:
+def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, threads: int,
+               chunks: int = 1, on_start=None, on_chunk=None) -> dict:
     """images/s of the same model, objective and global batch in one PyTorch process.
 
     images_u8: (N, C, H, W) decoded training images; PLAIN_BATCHES uint8 global batches
     (NHWC, as the stream carries them) are cycled, and every step makes its two views
-    with `two_views`, as a training worker does.
+    with `two_views`, as a training worker does. `chunks` times `steps` timed steps, each
+    chunk timed on its own (`chunk_images_per_s`); on_start() after the warm-up,
+    on_chunk(i, images_per_s) after each chunk.
     """
     import torch
 
@@ -132,7 +135,7 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
     objective = SSCQObjective(cfg.loss, cfg.model)
     m, d = cfg.model.num_codebooks, cfg.model.codeword_dim
     bank = NeighborBank(m, d, cfg.bank.size, 1, 0).to(device) if cfg.bank.enabled else None
-    total = warmup + steps
+    total = warmup + steps * chunks
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, total // 10), total))
     b = cfg.train.global_batch_size
@@ -163,14 +166,22 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
     model.train()
     for i in range(warmup):
         step(batches[i % PLAIN_BATCHES])
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % PLAIN_BATCHES])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    return {"workers": 1, "threads_per_worker": threads, "images_per_s": steps * b / seconds,
-            "steps": steps, "seconds": seconds, "device": device.type}
+    chunk_s = []
+    if on_start is not None:
+        on_start()
+    for c in range(chunks):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % PLAIN_BATCHES])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        chunk_s.append(time.perf_counter() - t0)
+        if on_chunk is not None:
+            on_chunk(c, steps * b / chunk_s[-1])
+    seconds = sum(chunk_s)
+    return {"workers": 1, "threads_per_worker": threads, "images_per_s": steps * chunks * b / seconds,
+            "steps": steps * chunks, "seconds": seconds, "device": device.type,
+            "chunk_images_per_s": [steps * b / t for t in chunk_s]}
 
 
 def pipeline_rate(uri: str, cfg: Config, passes: int) -> dict:

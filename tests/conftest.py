@@ -13,6 +13,11 @@ sys.path.insert(0, REPO)
 # Fake, test-only credentials for the local S3 endpoint; tests grep outputs for these values.
 FAKE_KEY_ID = "AKIATESTSSCQ00000001"
 FAKE_SECRET = "sscq-test-secret-value-do-not-log-000000"
+# The session's Ray (and every job the tests start against it) skips usage reporting and the
+# per-worker metrics export: nothing here reads them, and on 2 cores they are CPU the tests
+# wait for. The dev-stack tests (test_cluster.py) start their own Ray without these.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
 def free_port() -> int:

@@ -109,6 +109,24 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def leaks(data: bytes | str, secrets) -> list[str]:
+    """Which of the secret values occur in data."""
+    raw = data.encode() if isinstance(data, str) else data
+    return [s for s in secrets if s.encode() in raw]
+
+
+def s3_objects(bucket: str, endpoint_url: str) -> dict[str, bytes]:
+    """Every object of a bucket on an S3 endpoint, key -> bytes."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint_url)
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            out[o["Key"]] = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+    return out
+
+
 def image_bytes(im, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt)

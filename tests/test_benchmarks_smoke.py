@@ -59,7 +59,7 @@ def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir, 
     assert (out / "map_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A rerun with the same settings trains nothing: it reports the stored numbers.
-    stdout = run_script("quality_fashion_mnist.py", args, tmp_path)
+    stdout = run_script("quality_fashion_mnist.py", args, tmp_path, ray=ray_local)
     assert "sscq/32: reusing the stored result" in stdout and "pixel_pq/32: reusing the stored result" in stdout
     assert json.loads((out / "results.json").read_text())["results"] == res
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fault_helpers import leaks, s3_objects
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 PORT_VARS = ("SSCQ_RAY_PORT", "SSCQ_RAY_DASHBOARD_PORT", "SSCQ_RAY_CLIENT_PORT", "SSCQ_RAY_AGENT_PORT",
@@ -30,6 +32,9 @@ CLIENT_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRA
               "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
               "SSCQ_BUCKET", "SSCQ_STACK_DIR")
 SCRIPT_TIMEOUT_S = 240
+# A bearer token in the stack's environment (so in every job's, as on a cluster whose nodes
+# carry one); no job may write it anywhere.
+FAKE_MLFLOW_TOKEN = "mlflow-token-sscq-test-do-not-log-4242"
 
 
 @dataclass
@@ -108,6 +113,7 @@ def stop_dev_stack(stack: DevStack) -> subprocess.CompletedProcess:
 def dev_stack(tmp_path_factory):
     """The dev stack, up for this module; always torn down (and its state removed)."""
     stack = dev_stack_settings(tmp_path_factory.mktemp("stack"))
+    stack.script_env["MLFLOW_TRACKING_TOKEN"] = FAKE_MLFLOW_TOKEN
     try:
         yield start_dev_stack(stack)
     finally:
@@ -203,7 +209,7 @@ def test_env_sh_points_clients_at_the_stack(dev_stack):
 
 
 def test_no_secret_is_printed_or_logged(dev_stack):
-    secrets = [dev_stack.token, dev_stack.client_env["AWS_SECRET_ACCESS_KEY"]]
+    secrets = [dev_stack.token, dev_stack.client_env["AWS_SECRET_ACCESS_KEY"], FAKE_MLFLOW_TOKEN]
     status = run_script("status.sh", dev_stack.script_env)
     outputs = [dev_stack.up_output, status.stdout, status.stderr]
     outputs += [p.read_text(errors="replace") for p in (dev_stack.state_dir / "logs").iterdir()]
@@ -272,6 +278,7 @@ E2E_TIMEOUT_S = 420
 def _e2e_env(stack):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env.update(stack.client_env)
+    env["MLFLOW_TRACKING_TOKEN"] = FAKE_MLFLOW_TOKEN
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -358,17 +365,29 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     print(f"precision@10 served {p10_served:.4f} vs offline {p10_offline:.4f}")
     assert abs(p10_served - p10_offline) <= 0.02
 
-    # No credential value in job logs, MLflow params/tags, or the manifest.
-    secrets = [stack.client_env["AWS_SECRET_ACCESS_KEY"], stack.client_env["AWS_ACCESS_KEY_ID"], stack.token]
+    # No credential value anywhere the jobs wrote: job output; MLflow params, tags and metric
+    # names; the MLflow server's SQLite store; every object in the bucket (shards, dataset
+    # records, MLflow artifacts, snapshots, part records, index_metrics.json); Ray Train's run
+    # storage and the outputs.
+    secrets = [stack.client_env["AWS_SECRET_ACCESS_KEY"], stack.client_env["AWS_ACCESS_KEY_ID"], stack.token,
+               FAKE_MLFLOW_TOKEN]
     stored = [json.dumps(manifest.__dict__, default=str)]
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):
-            stored.append(json.dumps(run.data.params) + json.dumps(run.data.tags))
+            stored.append(json.dumps([run.data.params, run.data.tags, sorted(run.data.metrics)]))
     for mv in client.search_model_versions("name='sscq'"):
         stored.append(json.dumps(mv.tags))
-    blob = "\n".join(logs + stored)
-    for s in secrets:
-        assert s not in blob
+    assert not leaks("\n".join(logs + stored), secrets)
+    objects = s3_objects(bucket, stack.client_env["AWS_ENDPOINT_URL"])
+    keys = set(objects)
+    assert {"digits/train/_dataset.json", "digits/test/_dataset.json", "index/CURRENT"} <= keys
+    assert {"mlflow", "index"} <= {k.split("/")[0] for k in keys}  # MLflow artifacts and the index are there
+    assert any("/snapshots/" in k for k in keys) and any(k.endswith("/index_metrics.json") for k in keys)
+    files = [stack.state_dir / "mlflow.db", *(p for p in tmp_path.rglob("*") if p.is_file())]
+    assert any("runs" in p.parts for p in files)
+    leaked = [k for k, v in objects.items() if leaks(v, secrets)]
+    leaked += [str(p) for p in files if leaks(p.read_bytes(), secrets)]
+    assert not leaked, leaked
 
 
 def test_down_stops_everything_and_is_idempotent(dev_stack):

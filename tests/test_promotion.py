@@ -121,6 +121,16 @@ def _run_promote(args, env):
                           capture_output=True, text=True, timeout=300)
 
 
+def _start_promote(args, env, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "jobs", "promote.py"), *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -136,9 +146,14 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
     data = [f"data.train_uri={cfg.data.train_uri}", f"data.queries_uri={cfg.data.queries_uri}",
             f"tracking.output_dir={tmp_path}/out"]
     common = ["--name", name, "--config", os.path.join(REPO, "configs", "digits.yaml"), *data]
-    missing = _run_promote(["--candidate", "999", *common], env)
-    assert missing.returncode == EXIT_ERROR and "not found" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    # The two refusals need no store write: they run beside the rest (each is mostly imports).
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    background = {
+        "missing": _start_promote(["--candidate", "999", *common], env),
+        "nogate": _start_promote(["--name", name, "--candidate", v["trained_copy"], "--config", str(empty)], env,
+                                 cwd=str(tmp_path)),
+    }
     # Another writer holds the store's write lock for the whole run: reads (versions,
     # aliases, artifacts) work, the first write after scoring fails.
     import sqlite3
@@ -165,12 +180,10 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
     assert f"rejected v{v['untrained']}" in worse.stdout
     assert client.get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
     assert str(client.get_registered_model(name).aliases[CHAMPION]) == v["trained"]
+    missing, nogate = (_finish(background[k]) for k in ("missing", "nogate"))
+    assert missing.returncode == EXIT_ERROR and "not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
     # A config that names no gate set (the defaults) is refused, naming the key; nothing is built.
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("{}\n")
-    nogate = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "promote.py"), "--name", name,
-                             "--candidate", v["trained_copy"], "--config", str(empty)], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=300)
     lines = [ln for ln in nogate.stderr.splitlines() if ln.startswith("error:")]
     assert nogate.returncode == EXIT_ERROR and len(lines) == 1, nogate.stdout + nogate.stderr
     assert "data.queries_uri=data/digits/test" in lines[0] and not (tmp_path / "data").exists()
