@@ -278,10 +278,15 @@ def main() -> int:
     from sscq_dist.config import load_config
     from sscq_dist.serving.app import start_local
 
+    address = os.environ.get("RAY_ADDRESS")
     for attempt in range(3):  # a busy machine can miss Ray's node start-up deadline; try again
         try:
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+            if address:  # a running cluster (the test suite's session Ray): join it, sized as it is
+                ray.init(address="auto" if address.startswith("http") else address,
+                         runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
             break
         except Exception as exc:
             if attempt == 2:

@@ -137,12 +137,12 @@ def test_gpu_check_script_is_valid_bash():
         assert proc.returncode == 0, proc.stdout
 
 
-def test_serve_bench_smoke(tmp_path):
+def test_serve_bench_smoke(tmp_path, ray_local):
     """The search service benchmark end to end (real Ray Serve over HTTP): the served answers
     equal the in-process Searcher's for 1 and 2 partitions and for 10 and 100 parts, and a
     partition holds exactly codes + ids + a 4-byte id order per row."""
     out = tmp_path / "serve"
-    stdout = run_script("serve_bench.py", ["--smoke", "--out", out], tmp_path)
+    stdout = run_script("serve_bench.py", ["--smoke", "--out", out], tmp_path, ray=ray_local)
     assert "| HTTP service | 1 | 10 |" in stdout and "| HTTP service | 2 | 100 |" in stdout
     res = json.loads((out / "serve_bench.json").read_text())
     assert set(res["http"]) == {"p1/n10", "p2/n100"}

@@ -98,13 +98,13 @@ def test_a_quiet_job_error_is_one_line_and_the_log_holds_the_traceback(split_pre
 
 
 def test_demo_is_quiet_and_its_log_file_holds_the_detail(tmp_path, ray_local):
-    """The whole demo (2 epochs, on the session's Ray): at most 60 terminal lines,
+    """The whole demo (1 epoch, on the session's Ray): at most 60 terminal lines,
     none of the libraries' chatter; the log file it names has the workers' lines and Ray's own."""
     shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs")
     env = _quiet_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own store in its working directory, as on a fresh machine
-    out = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "demo.py"), "train.epochs=2",
-                          "train.checkpoint_every_epochs=2"],
+    out = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "demo.py"), "train.epochs=1",
+                          "train.checkpoint_every_epochs=1"],
                          capture_output=True, text=True, timeout=900, cwd=str(tmp_path), env=env)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
@@ -114,10 +114,10 @@ def test_demo_is_quiet_and_its_log_file_holds_the_detail(tmp_path, ray_local):
     assert not noisy, noisy
     for stage in ("1/7 ingest", "2/7 train", "3/7 evaluate", "4/7 promote", "5/7 reindex", "6/7 search", "7/7 serve"):
         assert any(stage in ln for ln in lines), stage
-    assert any(ln.startswith("[train] epoch 2/2 done") for ln in lines), text  # progress relayed from rank 0
+    assert any(ln.startswith("[train] epoch 1/1 done") for ln in lines), text  # progress relayed from rank 0
     assert "the same top-5 as in process" in text, text
     (log_line,) = [ln for ln in lines if ln.startswith("log: ")]
     detail = open(log_line[len("log: "):]).read()
-    for needle in ("Connecting to existing Ray cluster", "[train] epoch 1/2 done", "RayTrainWorker",
+    for needle in ("Connecting to existing Ray cluster", "[train] epoch 1/1 done", "RayTrainWorker",
                    "Created version '1' of model 'sscq'"):
         assert needle in detail, needle
