@@ -278,15 +278,12 @@ def main() -> int:
     from sscq_dist.config import load_config
     from sscq_dist.serving.app import start_local
 
-    address = os.environ.get("RAY_ADDRESS")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_setup as bs
+
     for attempt in range(3):  # a busy machine can miss Ray's node start-up deadline; try again
         try:
-            if address:  # a running cluster (the test suite's session Ray): join it, sized as it is
-                ray.init(address="auto" if address.startswith("http") else address,
-                         runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": REPO}}, log_to_driver=False)
+            bs.start_ray(max(4, os.cpu_count() or 1), quiet=True)  # or joins the cluster RAY_ADDRESS names
             break
         except Exception as exc:
             if attempt == 2:
