@@ -146,10 +146,9 @@ def _file_orders(uri, cfg, seed, executions: int) -> list[list[int]]:
             streaming_train_data(uri, cfg, seed=seed).dataset
         orders = []
         for _ in range(executions):
-            seq = []
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                seq.extend(int(s) for s in b["shard"] if not seq or seq[-1] != int(s))
-            orders.append(seq)
+            shards = np.concatenate([b["shard"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+            starts = np.flatnonzero(np.diff(shards, prepend=-1))  # where a new source file begins
+            orders.append(shards[starts].tolist())
         return orders
     finally:
         ctx.execution_options.preserve_order = before
