@@ -223,6 +223,14 @@ class IndexConfig:
     # (readers that opened an older generation keep working this long; the current and
     # previous snapshots are always kept).
     gc_grace_s: float = 86400.0
+    # Newest generations of the CURRENT chain that garbage collection always keeps (>= 1).
+    gc_keep_generations: int = 2
+    # Keys per delete request (S3 DeleteObjects takes at most 1,000).
+    gc_delete_batch: int = 1000
+    # Run garbage collection after each reindex (`sscq reindex --no-gc` turns it off; `sscq gc` runs it alone).
+    gc_after_reindex: bool = True
+    # Part entries per manifest file (a snapshot is a manifest list over such files, reused across generations).
+    manifest_max_parts: int = 1000
 
 
 @dataclass
@@ -390,6 +398,10 @@ def validate(cfg: Config) -> Config:
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
     _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
     _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
+    _check(ix.gc_keep_generations >= 1, "index.gc_keep_generations", f"must be >= 1, got {ix.gc_keep_generations}")
+    _check(1 <= ix.gc_delete_batch <= 1000, "index.gc_delete_batch",
+           f"must be in [1, 1000] (S3 DeleteObjects limit), got {ix.gc_delete_batch}")
+    _check(ix.manifest_max_parts >= 1, "index.manifest_max_parts", f"must be >= 1, got {ix.manifest_max_parts}")
     st = cfg.storage
     _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {st.max_attempts}")
     _check(st.retry_backoff_s >= 0, "storage.retry_backoff_s", f"must be >= 0, got {st.retry_backoff_s}")

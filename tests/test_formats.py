@@ -8,10 +8,11 @@ import pytest
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.records import parse_json_record
-from sscq_dist.indexing.formats import (PartEntry, PartRecord, Snapshot, SourceShard, check_codebooks,
-                                        list_generations, parse_part_record, parse_snapshot_name, part_name,
-                                        read_current, read_part_record, read_snapshot, snapshot_name, version_loc,
+from sscq_dist.records import parse_json_record, to_plain
+from sscq_dist.indexing.formats import (ManifestCache, ManifestRef, PartEntry, PartRecord, Snapshot, SourceShard,
+                                        check_codebooks, list_generations, parse_part_record, parse_snapshot_name,
+                                        part_name, read_current, read_manifest, read_part_record, read_snapshot,
+                                        read_snapshot_list, snapshot_name, unseen_manifests, version_loc,
                                         write_current, write_part_record, write_snapshot)
 
 CB = np.ones((8, 16, 16), np.float32)
@@ -67,19 +68,98 @@ def test_part_record_round_trip(root):
 
 @pytest.mark.parametrize("mutate,key", [
     (lambda d: d.pop("fence"), "fence"),
-    (lambda d: d["parts"][1].pop("id_max"), "parts[1].id_max"),
-    (lambda d: d["parts"][0]["source"].pop("etag"), "parts[0].source.etag"),
+    (lambda d: d["manifests"][0].pop("sha256"), "manifests[0].sha256"),
 ])
 def test_missing_key_is_named(root, mutate, key):
-    data = json.loads(snapshot().to_json())
+    write_snapshot(root, snapshot())
+    loc = version_loc(root, "3").join("snapshots", "00000001.json")
+    data = json.loads(storage.read_bytes(loc))
     mutate(data)
-    storage.atomic_write_bytes(version_loc(root, "3").join("snapshots", "00000001.json"), json.dumps(data).encode())
+    storage.atomic_write_bytes(loc, json.dumps(data).encode())
     with pytest.raises(IndexError_, match=rf"00000001.json: key '{key}': missing$".replace("[", r"\[").replace("]", r"\]")):
-        read_snapshot(root, "3/00000001")
+        read_snapshot(root, "3/00000001", cache=ManifestCache())
+
+
+@pytest.mark.parametrize("drop,key", [(lambda e: e.pop("id_max"), "id_max"),
+                                      (lambda e: e["source"].pop("etag"), "source.etag")])
+def test_missing_key_in_a_manifest_line_is_named(root, drop, key):
+    lines = [to_plain(entry(i)) for i in range(3)]
+    drop(lines[1])
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    vloc = version_loc(root, "3")
+    storage.atomic_write_bytes(vloc.join("manifests", "m.jsonl"), data)
+    ref = ManifestRef(file="manifests/m.jsonl", sha256=storage_sha(data), bytes=len(data), parts=3)
+    with pytest.raises(IndexError_, match=rf"m.jsonl line 2: key '{key}': missing$"):
+        read_manifest(vloc, ref, ManifestCache())
+
+
+def storage_sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _written(root) -> dict:
+    """Bytes of every file under the root by path (what a commit wrote is the difference)."""
+    import os
+
+    out = {}
+    for d, _, files in os.walk(root.path):
+        for f in files:
+            out[os.path.join(d, f)] = os.path.getsize(os.path.join(d, f))
+    return out
+
+
+def test_one_part_append_to_2000_parts_writes_one_small_manifest(root):
+    """A generation is a manifest list over reused manifests: appending one part to a
+    2,000-part snapshot writes one manifest of one entry and a small list (< 64 KB together),
+    and a reader holding the old generation reads only the new manifest."""
+    base = snapshot(1, n=2000)
+    write_snapshot(root, base, manifest_max_parts=1000)
+    assert [m.parts for m in base.manifests] == [1000, 1000]
+    cache = ManifestCache()
+    assert len(read_snapshot(root, "3/00000001", cache=cache).parts) == 2000 and cache.reads == 2
+    before = _written(root)
+    nxt = snapshot(2, n=2001)
+    write_snapshot(root, nxt, base=base, manifest_max_parts=1000)
+    after = _written(root)
+    new = {p: n for p, n in after.items() if p not in before}
+    assert len(new) == 2 and sum(new.values()) < 64_000, new  # one manifest + the manifest list
+    assert [m.file for m in nxt.manifests[:2]] == [m.file for m in base.manifests]  # reused, not rewritten
+    assert unseen_manifests(root, read_snapshot_list(root, "3/00000002"), cache) == nxt.manifests[2:]
+    back = read_snapshot(root, "3/00000002", cache=cache)
+    assert cache.reads == 3 and len(back.parts) == 2001 and back.parts == sorted(nxt.parts, key=lambda p: p.source.uri)
+
+
+def test_removed_parts_go_on_a_delete_list_then_the_manifest_is_rewritten(root):
+    base = snapshot(1, n=10)
+    write_snapshot(root, base, manifest_max_parts=10)
+    one_gone = snapshot(2, n=10)
+    one_gone.parts = one_gone.parts[1:]
+    write_snapshot(root, one_gone, base=base, manifest_max_parts=10)
+    assert len(one_gone.manifests) == 1 and one_gone.manifests[0].file == base.manifests[0].file
+    assert one_gone.manifests[0].deleted == [entry(0).part]
+    assert [p.part for p in read_snapshot(root, "3/00000002", cache=ManifestCache()).parts] == \
+        [entry(i).part for i in range(1, 10)]
+    most_gone = snapshot(3, n=10)
+    most_gone.parts = most_gone.parts[7:]  # more than half removed: its live entries are rewritten
+    write_snapshot(root, most_gone, base=one_gone, manifest_max_parts=10)
+    assert len(most_gone.manifests) == 1 and most_gone.manifests[0].file != base.manifests[0].file
+    assert most_gone.manifests[0].parts == 3 and most_gone.manifests[0].deleted == []
+
+
+def test_a_snapshot_of_the_inline_layout_is_still_read(root):
+    """Generations written before manifest lists (schema 2, every part inline) are read as they are."""
+    snap = snapshot(1)
+    data = {"schema_version": 2, **to_plain(snap)}
+    data.pop("manifests"), data.pop("skipped"), data.pop("legacy")
+    storage.atomic_write_bytes(version_loc(root, "3").join("snapshots", "00000001.json"), json.dumps(data).encode())
+    back = read_snapshot(root, "3/00000001")
+    assert back.parts == snap.parts and back.manifests == []
 
 
 def test_mistyped_key_unknown_schema_and_bad_json_are_one_line():
-    good = json.loads(snapshot().to_json())
+    good = {"schema_version": 2, **to_plain(snapshot())}
     bad = dict(good, bits="32")
     with pytest.raises(IndexError_, match="snap.json: key 'bits': expected an integer, got str"):
         parse_json_record(Snapshot, json.dumps(bad), "snap.json", IndexError_, 2)

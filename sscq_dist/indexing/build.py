@@ -189,6 +189,7 @@ class BuildResult:
     built: int = 0  # shards encoded by this run
     resumed: int = 0  # shards a killed earlier run had already committed
     errors: list[tuple[str, str]] = field(default_factory=list)  # (error class name, message) per bad shard
+    failed_parts: list[str] = field(default_factory=list)  # the part name of each entry in `errors`
     ids_checked: int = 0  # ids the duplicate check read (0 when the parts' id ranges are disjoint)
     built_rows: int = 0  # source rows of the shards built by this run
     first_record_s: float = 0.0  # seconds until the first record arrived (actor start-up, model load)
@@ -219,6 +220,7 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
             lock.raise_if_lost()
         if row["error"]:
             result.errors.append((str(row["error_kind"]), str(row["error"])))
+            result.failed_parts.append(str(row["part"]))
             continue
         if not result.first_record_s:
             result.first_record_s = time.perf_counter() - t0

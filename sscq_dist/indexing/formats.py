@@ -6,12 +6,20 @@
     <root>/models/<version>/parts/<part>.index       one FAISS part per source shard
     <root>/models/<version>/parts/<part>.ids.parquet its id map: id, uri, shard, row
     <root>/models/<version>/parts/<part>.json        the part's commit record (written last)
-    <root>/models/<version>/snapshots/<gen>.json     immutable snapshot: the parts that serve
+    <root>/models/<version>/manifests/<gen>-<i>-<sha>.jsonl  immutable manifest: up to
+                                                     index.manifest_max_parts part entries
+    <root>/models/<version>/snapshots/<gen>.json     immutable manifest list: the manifests
+                                                     (and per manifest, its removed parts) that serve
+    <root>/leases/<replica>.json                     a serving replica's reader lease (indexing/leases.py)
 
-Commit protocol (Iceberg-like): part files first, the record last (each atomic), so a
-record exists only for a whole part; a snapshot lists records' contents and is written
-once; CURRENT is one atomic pointer swap. A part's name derives from its source shard's
-uri + etag, so a retried or rerun build of the same shard overwrites the same names.
+Commit protocol (Apache Iceberg's): part files first, the record last (each atomic), so a
+record exists only for a whole part; a generation is a small manifest list naming immutable,
+content-addressed manifests that later generations reuse, so a commit writes manifests for
+its new parts only (a removed part goes on its manifest's delete list; a manifest with more
+removed than live entries is rewritten); CURRENT is one compare-and-swap (publish.py). A
+part's name derives from its source shard's uri + etag, so a retried or rerun build of the
+same shard overwrites the same names. Readers cache manifests by name (`ManifestCache`), so a
+new generation costs them the manifest list plus the manifests they have not seen.
 
 JSON only (never pickle): these files are data a reader must not trust to execute.
 """
@@ -20,7 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
@@ -32,11 +43,16 @@ import pyarrow.parquet as pq
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing.faiss_index import codebook_checksum
-from sscq_dist.records import parse_json_record, record_json
+from sscq_dist.records import build_record, parse_json_record, record_json, to_plain
 from sscq_dist.storage import Location
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # part records (and snapshots that listed every part inline, still read)
+MANIFEST_LIST_SCHEMA = 3  # snapshots/<gen>.json as a manifest list; manifests/*.jsonl lines
 CURRENT_NAME = "CURRENT"
+MANIFESTS_DIR = "manifests"
+MANIFEST_SUFFIX = ".jsonl"
+# A manifest whose removed entries outnumber its live ones is rewritten (bounded read amplification).
+REWRITE_DELETED_FRACTION = 0.5
 MODELS_DIR = "models"
 PARTS_DIR = "parts"
 SNAPSHOTS_DIR = "snapshots"
@@ -118,8 +134,42 @@ class PartRecord(PartEntry):
 
 
 @dataclass
+class ManifestRef:
+    """One manifest as a manifest list names it.
+
+    file: path relative to the version folder; sha256/bytes: of that file (its name carries
+    the hash, so a cached copy under the same name is the same content); parts: entries in
+    the file; deleted: names of its entries this snapshot no longer serves.
+    """
+
+    file: str
+    sha256: str
+    bytes: int
+    parts: int
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def live(self) -> int:
+        return self.parts - len(self.deleted)
+
+
+@dataclass
+class SkippedShard:
+    """A source shard whose build failed after its retries: not served by this snapshot, retried next run."""
+
+    source: SourceShard
+    reason: str
+    error_kind: str = ""
+
+
+@dataclass
 class Snapshot:
-    """An immutable list of the parts that serve, plus what a reader needs to trust them."""
+    """An immutable list of the parts that serve, plus what a reader needs to trust them.
+
+    On disk it is a manifest list (`manifests`); `parts` is what those manifests serve,
+    filled in by `read_snapshot`. `skipped`: source shards this generation does not serve
+    because their build failed.
+    """
 
     generation: int
     model_uri: str
@@ -137,6 +187,8 @@ class Snapshot:
     fence: int  # the writer's lock fencing token
     parts: list[PartEntry] = field(default_factory=list)
     legacy: bool = False  # adapted from a pre-snapshot manifest.json (read only)
+    manifests: list[ManifestRef] = field(default_factory=list)
+    skipped: list[SkippedShard] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -156,7 +208,11 @@ class Snapshot:
         return sum(p.ids_bytes for p in self.parts)
 
     def to_json(self) -> bytes:
-        return record_json(self, SCHEMA_VERSION)
+        """The manifest list: every field but the parts (those are in the manifests)."""
+        data = to_plain(self)
+        data.pop("parts", None)
+        data.pop("legacy", None)
+        return json.dumps({"schema_version": MANIFEST_LIST_SCHEMA, **data}, separators=(",", ":")).encode()
 
 
 # --------------------------------------------------------------------------- names
@@ -206,6 +262,10 @@ def part_files(part: str) -> tuple[str, str, str]:
 
 def snapshot_loc(root: Location, version: str, generation: int) -> Location:
     return version_loc(root, version).join(SNAPSHOTS_DIR, f"{generation:0{_GEN_WIDTH}d}.json")
+
+
+def manifests_loc(root: Location, version: str) -> Location:
+    return version_loc(root, version).join(MANIFESTS_DIR)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -269,17 +329,157 @@ def read_part_record(vloc: Location, part: str) -> Optional[PartRecord]:
     return parse_part_record(data, loc.uri)
 
 
-def write_snapshot(root: Location, snap: Snapshot) -> Location:
-    """Write snapshots/<gen>.json once; an existing generation is never rewritten."""
+class ManifestCache:
+    """Parsed manifests by (version folder, file name), LRU-bounded by part entries.
+
+    Manifests are immutable and their names carry their content hash, so a cached entry
+    never goes stale; a reader that keeps one cache reads only the manifests it has not seen
+    (`reads` counts the manifest files this cache read from storage).
+    """
+
+    def __init__(self, max_parts: int = 500_000):
+        self.max_parts = max_parts
+        self._items: OrderedDict[tuple[str, str], list[PartEntry]] = OrderedDict()
+        self._parts = 0
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    def get(self, key: tuple[str, str]) -> Optional[list[PartEntry]]:
+        with self._lock:
+            got = self._items.get(key)
+            if got is not None:
+                self._items.move_to_end(key)
+            return got
+
+    def put(self, key: tuple[str, str], entries: list[PartEntry]) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = entries
+            self._parts += len(entries)
+            while self._parts > self.max_parts and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._parts -= len(old)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        with self._lock:
+            return key in self._items
+
+
+# One per process: every reader of an index root (searcher, partitions, ingress) shares it.
+MANIFEST_CACHE = ManifestCache()
+
+
+def manifest_bytes(entries: list[PartEntry]) -> bytes:
+    """JSON lines, one part entry each (PartEntry serialised as a record, whatever fields it has)."""
+    return b"".join(json.dumps(to_plain(e), separators=(",", ":")).encode() + b"\n" for e in entries)
+
+
+def write_manifest(vloc: Location, generation: int, seq: int, entries: list[PartEntry]) -> ManifestRef:
+    """Write one immutable manifest named by its generation, sequence and content hash."""
+    data = manifest_bytes(entries)
+    digest = sha256_hex(data)
+    rel = f"{MANIFESTS_DIR}/{generation:0{_GEN_WIDTH}d}-{seq:03d}-{digest[:16]}{MANIFEST_SUFFIX}"
+    storage.atomic_write_bytes(vloc.join(rel), data)
+    return ManifestRef(file=rel, sha256=digest, bytes=len(data), parts=len(entries))
+
+
+def read_manifest(vloc: Location, ref: ManifestRef, cache: Optional[ManifestCache] = None) -> list[PartEntry]:
+    """A manifest's entries (all of them, deleted ones included), from the cache when it holds them."""
+    cache = MANIFEST_CACHE if cache is None else cache
+    key = (vloc.uri, ref.file)
+    got = cache.get(key)
+    if got is not None:
+        return got
+    loc = vloc.join(ref.file)
+    try:
+        data = storage.read_bytes(loc)
+    except storage.NotFound:
+        raise IndexError_(f"manifest {loc.uri} is missing (collected while a reader still needed it?); "
+                          "reopen CURRENT") from None
+    cache.reads += 1
+    if sha256_hex(data) != ref.sha256:
+        raise IndexError_(f"manifest {loc.uri}: content does not match its sha256 {ref.sha256[:16]}")
+    entries = []
+    for i, line in enumerate(data.splitlines()):
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise IndexError_(f"{loc.uri} line {i + 1}: not valid JSON ({exc})") from None
+        entries.append(build_record(PartEntry, obj, lambda m, i=i: IndexError_(f"{loc.uri} line {i + 1}: {m}")))
+    if len(entries) != ref.parts:
+        raise IndexError_(f"manifest {loc.uri}: {len(entries)} entries, the manifest list says {ref.parts}")
+    cache.put(key, entries)
+    return entries
+
+
+def _live_entries(vloc: Location, ref: ManifestRef, cache: Optional[ManifestCache]) -> list[PartEntry]:
+    entries = read_manifest(vloc, ref, cache)
+    if not ref.deleted:
+        return entries
+    gone = set(ref.deleted)
+    return [e for e in entries if e.part not in gone]
+
+
+def plan_manifests(vloc: Location, snap: Snapshot, base: Optional[Snapshot], manifest_max_parts: int,
+                   merge_min_count: int = 16,
+                   cache: Optional[ManifestCache] = None) -> tuple[list[ManifestRef], list[list[PartEntry]]]:
+    """(manifests reused from `base`, with their delete lists; groups of entries to write as new manifests).
+
+    Reused: every base manifest that still serves a part (its removed parts on its delete
+    list), unless more than half of it is removed (then its live entries are rewritten).
+    Small manifests (under half of manifest_max_parts) are merged once there are
+    merge_min_count of them (Iceberg's min-count-to-merge), so many small appends do not grow
+    the manifest list without bound.
+    """
+    want = {p.part: p for p in snap.parts}
+    kept: list[ManifestRef] = []
+    pending: list[PartEntry] = []
+    claimed: set[str] = set()
+    reuse = base is not None and not base.legacy and base.model_version == snap.model_version
+    for ref in (base.manifests if reuse else []):
+        entries = read_manifest(vloc, ref, cache)
+        deleted = set(ref.deleted)
+        for e in entries:
+            if e.part not in want or e.part in claimed:
+                deleted.add(e.part)
+        live = [e for e in entries if e.part not in deleted]
+        claimed.update(e.part for e in live)
+        if not live:
+            continue
+        if len(deleted) > REWRITE_DELETED_FRACTION * len(entries):
+            pending += live
+            continue
+        kept.append(ManifestRef(ref.file, ref.sha256, ref.bytes, ref.parts, sorted(deleted)))
+    small = [r for r in kept if r.live < manifest_max_parts // 2]
+    if len(small) >= merge_min_count:
+        names = {r.file for r in small}
+        for r in small:
+            pending += _live_entries(vloc, r, cache)
+        kept = [r for r in kept if r.file not in names]
+    pending += [p for p in snap.parts if p.part not in claimed]
+    groups = [pending[i:i + manifest_max_parts] for i in range(0, len(pending), manifest_max_parts)]
+    return kept, groups
+
+
+def write_snapshot(root: Location, snap: Snapshot, base: Optional[Snapshot] = None, manifest_max_parts: int = 1000,
+                   merge_min_count: int = 16) -> Location:
+    """Write the manifests `snap` needs beyond `base`'s, then its manifest list, once.
+
+    An existing generation is never rewritten. Sets `snap.manifests`.
+    """
     loc = snapshot_loc(root, snap.model_version, snap.generation)
     if storage.exists(loc):
         raise IndexError_(f"{loc.uri} exists; snapshots are immutable (another writer?)")
+    vloc = version_loc(root, snap.model_version)
+    kept, groups = plan_manifests(vloc, snap, base, max(1, manifest_max_parts), merge_min_count)
+    snap.manifests = kept + [write_manifest(vloc, snap.generation, i, g) for i, g in enumerate(groups)]
     storage.atomic_write_bytes(loc, snap.to_json())
     return loc
 
 
-def read_snapshot(root: Location, name: str) -> Snapshot:
-    """The snapshot '<version>/<gen>' (or, for a bare legacy version, its manifest adapted)."""
+def read_snapshot_list(root: Location, name: str) -> Snapshot:
+    """The manifest list of '<version>/<gen>' without its parts (one small read)."""
     version, gen = parse_snapshot_name(name, root.uri)
     if gen is None:
         return read_legacy_manifest(root, version)
@@ -288,9 +488,35 @@ def read_snapshot(root: Location, name: str) -> Snapshot:
         data = storage.read_bytes(loc)
     except storage.NotFound:
         raise IndexError_(f"index root {root.uri}: snapshot {name} does not exist ({loc.uri})") from None
-    snap = parse_json_record(Snapshot, data, loc.uri, _err, SCHEMA_VERSION)
+    try:
+        schema = json.loads(data).get("schema_version")
+    except (ValueError, AttributeError):
+        schema = None
+    # Generations written before manifest lists carry their parts inline (schema 2): still read.
+    snap = parse_json_record(Snapshot, data, loc.uri, _err, SCHEMA_VERSION if schema == SCHEMA_VERSION
+                             else MANIFEST_LIST_SCHEMA)
     if (snap.model_version, snap.generation) != (version, gen):
         raise IndexError_(f"{loc.uri} holds snapshot {snap.name}, not {name}")
+    return snap
+
+
+def unseen_manifests(root: Location, snap: Snapshot, cache: Optional[ManifestCache] = None) -> list[ManifestRef]:
+    """The manifests of `snap` that `cache` does not hold yet (what a reader must read to open it)."""
+    cache = MANIFEST_CACHE if cache is None else cache
+    vuri = version_loc(root, snap.model_version).uri
+    return [m for m in snap.manifests if (vuri, m.file) not in cache]
+
+
+def read_snapshot(root: Location, name: str, cache: Optional[ManifestCache] = None) -> Snapshot:
+    """The snapshot '<version>/<gen>' with its parts (or, for a bare legacy version, its manifest adapted).
+
+    Reads the manifest list, then only the manifests `cache` (default: the process's) has not seen.
+    """
+    snap = read_snapshot_list(root, name)
+    if snap.manifests:
+        vloc = version_loc(root, snap.model_version)
+        parts = [p for m in snap.manifests for p in _live_entries(vloc, m, cache)]
+        snap.parts = sorted(parts, key=lambda p: p.source.uri)
     return snap
 
 
@@ -308,19 +534,29 @@ def read_current(root: Location) -> Optional[str]:
     """What CURRENT names ('<version>/<gen>', or a bare version in the legacy layout); None if never published."""
     loc = root.join(CURRENT_NAME)
     try:
-        text = storage.read_bytes(loc).decode("utf-8", errors="replace").strip()
+        data = storage.read_bytes(loc)
     except storage.NotFound:
         return None
+    return parse_current(data, loc.uri)
+
+
+def parse_current(data: bytes, where: str) -> str:
+    text = data.decode("utf-8", errors="replace").strip()
     if not text:
-        raise IndexError_(f"{loc.uri} is empty; expected <model_version>/<generation>")
-    parse_snapshot_name(text, loc.uri)
+        raise IndexError_(f"{where} is empty; expected <model_version>/<generation>")
+    parse_snapshot_name(text, where)
     return text
 
 
+def current_bytes(name: str) -> bytes:
+    return (name + "\n").encode()
+
+
 def write_current(root: Location, name: str) -> None:
-    """Atomically point CURRENT at a snapshot (the publish step's last write)."""
+    """Point CURRENT at a snapshot unconditionally (tests and benchmarks; a reindex flips it by
+    compare-and-swap, publish.flip_current)."""
     parse_snapshot_name(name, root.uri)
-    storage.atomic_write_bytes(root.join(CURRENT_NAME), (name + "\n").encode())
+    storage.atomic_write_bytes(root.join(CURRENT_NAME), current_bytes(name))
 
 
 def open_current(root: Location) -> Snapshot:
