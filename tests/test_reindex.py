@@ -298,6 +298,55 @@ def test_duplicate_id_across_two_shards_is_one_error_line_naming_both(tmp_path, 
     assert read_current(resolve(str(tmp_path / "index"))) is None
 
 
+def test_id_check_counts_planted_duplicates_and_returns_at_most_20_examples(tmp_path, ray_local):
+    """The hash join runs on Ray tasks over the parts' id maps: 30 ids planted in a second part
+    are all counted, and the driver gets 20 examples, each naming a real shared id."""
+    from sscq_dist.config import StorageConfig
+    from sscq_dist.indexing.formats import PartEntry, SourceShard, idmap_bytes
+    from sscq_dist.indexing.id_check import MAX_EXAMPLES, find_duplicates
+
+    rng = np.random.default_rng(7)
+    vloc = resolve(str(tmp_path / "v"))
+    all_ids = rng.choice(2 ** 62, size=3000, replace=False).astype(np.int64)
+    chunks = [all_ids[:1000], all_ids[1000:2000], np.concatenate([all_ids[2000:2970], all_ids[100:130]])]
+    parts = []
+    for n, ids in enumerate(chunks):
+        storage.atomic_write_bytes(vloc.join(f"p{n}.ids.parquet"), idmap_bytes(ids, [None] * len(ids), "s", np.arange(len(ids))))
+        parts.append(PartEntry(part=f"p{n}", source=SourceShard(f"s{n}", 1, "e"), rows=len(ids), indexed=len(ids),
+                               dropped=0, id_min=int(ids.min()), id_max=int(ids.max()), index_file="",
+                               index_bytes=0, ids_file=f"p{n}.ids.parquet", ids_bytes=0))
+    count, examples = find_duplicates(vloc, parts, StorageConfig())
+    assert count == 30 and len(examples) == MAX_EXAMPLES == 20
+    planted = set(all_ids[100:130].tolist())
+    assert all(i in planted and {a.part, b.part} == {"p0", "p2"} for i, a, b in examples)
+    assert find_duplicates(vloc, parts[:2], StorageConfig()) == (0, [])
+
+
+def test_a_bad_shard_is_skipped_named_and_retried_next_run(tmp_path, random_model, ray_local):
+    """One truncated shard among four: the other three publish, the snapshot records it as
+    skipped with its reason, the summary names it; once the shard is fixed, the next run
+    builds it (and only it) and the snapshot has nothing skipped."""
+    cfg = small_cfg(tmp_path)
+    folder = tmp_path / "src"
+    write_image_shards(str(folder), 4, 20, seed=11)
+    bad = folder / "part-00002.parquet"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 2])
+    root = str(tmp_path / "index")
+    s = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert s.flipped and s.total_shards == 3 and s.total_rows == 60
+    assert [k.source.uri for k in s.skipped] == [str(bad)] and "not a readable Parquet file" in s.skipped[0].reason
+    assert "1 source shard(s) skipped" in s.skipped_line() and str(bad) in s.skipped_line()
+    snap = read_snapshot(resolve(root), s.snapshot)
+    assert [k.source.uri for k in snap.skipped] == [str(bad)]
+    again = reindex(str(folder), root, random_model, cfg, progress=False)  # still bad: nothing new to publish
+    assert not again.flipped and again.snapshot == s.snapshot and len(again.skipped) == 1
+    bad.write_bytes(good_bytes)
+    fixed = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert fixed.flipped and fixed.encoded_shards == 1 and fixed.total_rows == 80 and fixed.skipped == []
+    assert read_snapshot(resolve(root), fixed.snapshot).skipped == []
+
+
 def test_unique_random_ids_pass_and_disjoint_ranges_skip_the_pass(tmp_path, random_model, ray_local):
     cfg = small_cfg(tmp_path)
     write_image_shards(str(tmp_path / "rand"), 4, 30, seed=4)
