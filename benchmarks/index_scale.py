@@ -9,7 +9,11 @@ For each S, in one run on one machine:
   after start-up, metadata bytes written per shard (records + snapshot + CURRENT), bytes the
   driver receives per image, seconds per stage;
 - "nothing to do": a rerun over the same S shards;
-- at the largest S: appending `--append` shards (a new snapshot generation), with its stages.
+- at the largest S: appending `--append` shards (a new snapshot generation), with its stages
+  and the metadata bytes that commit wrote;
+- a one-part commit to a `--commit-parts`-part index through the real publish path (lock,
+  manifests, manifest list, compare-and-swap of CURRENT): bytes written besides the part's
+  own files (every file created or rewritten, counted on disk).
 
 The previous design (commit `--baseline-commit`: one manifest.json rewritten after every
 shard, embeddings streamed to the driver) runs at S in `--baseline-shards` in a subprocess
@@ -49,12 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--append", type=int, default=10, help="shards appended to the largest version")
     p.add_argument("--snapshot-parts", type=int, default=100_000,
                    help="also time writing and reading one snapshot listing this many parts (the 1B-image size)")
+    p.add_argument("--commit-parts", type=int, default=2000,
+                   help="measure a one-part append to an index of this many parts (metadata bytes written)")
     p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
         a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [], 10, 2, 1000
+        a.commit_parts = 200
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -156,6 +163,59 @@ def run_baseline(commit: str, images: str, root: str, model: str, cfg_path: str,
         shutil.rmtree(pkg, ignore_errors=True)
 
 
+def file_states(root: str) -> dict:
+    """path -> (size, mtime_ns, inode) of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def written_since(before: dict, root: str, exclude: str = os.sep + "parts" + os.sep) -> dict:
+    """Bytes of the files created or rewritten since `before`, outside `exclude` (the parts' own files)."""
+    after = file_states(root)
+    changed = {p: st[0] for p, st in after.items() if before.get(p) != st and exclude not in p}
+    return {"bytes": sum(changed.values()), "files": sorted(os.path.relpath(p, root) for p in changed)}
+
+
+def _bench_entry(i: int):
+    from sscq_dist.indexing.formats import PartEntry, SourceShard, part_files, part_name
+
+    src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
+    name = part_name(src.uri, src.etag)
+    index_file, ids_file, _ = part_files(name)
+    return PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
+                     id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=130_000,
+                     ids_file=ids_file, ids_bytes=250_000)
+
+
+def commit_cost(n_parts: int, root: str, manifest_max_parts: int) -> dict:
+    """Metadata bytes a one-part append to an n_parts index writes (publish path, local root)."""
+    from sscq_dist.indexing.formats import read_current, read_snapshot
+    from sscq_dist.indexing.lock import IndexLock
+    from sscq_dist.indexing.publish import new_snapshot, publish_snapshot
+    from sscq_dist.storage import resolve
+
+    loc = resolve(root)
+    kw = dict(model_uri="models:/sscq/7", version="7", codebook_checksum="sha256:" + "0" * 64, bits=32, M=8, K=16,
+              index_type="ivf_pq_fastscan", index_params={"nlist": 65536, "nprobe": 160}, coarse_checksum="0" * 64)
+    parts = [_bench_entry(i) for i in range(n_parts)]
+    with IndexLock(loc, "bench", 120) as lock:
+        base = new_snapshot(1, parts, previous=None, lock=lock, **kw)
+        publish_snapshot(loc, base, None, lock, manifest_max_parts=manifest_max_parts)
+    before = file_states(root)
+    t0 = time.perf_counter()
+    with IndexLock(loc, "bench", 120) as lock:
+        cur = read_current(loc)
+        nxt = new_snapshot(2, parts + [_bench_entry(n_parts)], previous=cur, lock=lock, **kw)
+        publish_snapshot(loc, nxt, cur, lock, base=read_snapshot(loc, cur), manifest_max_parts=manifest_max_parts)
+    w = written_since(before, root)
+    return {"parts": n_parts, "commit_s": time.perf_counter() - t0, "bytes": w["bytes"], "files": w["files"],
+            "manifests": len(nxt.manifests)}
+
+
 def snapshot_cost(n_parts: int, root: str) -> dict:
     """Seconds to write and read back (parse + type-check) one snapshot of n_parts parts."""
     from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, part_files, part_name,
@@ -182,7 +242,8 @@ def snapshot_cost(n_parts: int, root: str) -> dict:
     t2 = time.perf_counter()
     assert len(back.parts) == n_parts
     size = os.path.getsize(os.path.join(root, "models", "7", "snapshots", "00000001.json"))
-    return {"parts": n_parts, "bytes": size, "write_s": t1 - t0, "read_s": t2 - t1}
+    size += sum(m.bytes for m in snap.manifests)  # the manifest list and every manifest it names
+    return {"parts": n_parts, "bytes": size, "manifests": len(snap.manifests), "write_s": t1 - t0, "read_s": t2 - t1}
 
 
 def markdown(res: dict) -> str:
@@ -206,10 +267,18 @@ def markdown(res: dict) -> str:
         ap = res["append"]
         st = ", ".join(f"{k} {v:.2f}" for k, v in ap["stages"].items() if k != "build_first_part")
         lines += ["", f"Append {ap['encoded_shards']} shards to the {ap['base_shards']}-shard version: "
-                      f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}."]
+                      f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}; "
+                      f"metadata written besides the parts: {ap.get('metadata_written', 0):,} bytes."]
+    if res.get("commit"):
+        c = res["commit"]
+        lines += ["", f"One-part append to a {c['parts']:,}-part index (publish path: lock, manifest, manifest "
+                      f"list, CAS of CURRENT): {c['bytes']:,} bytes of metadata written besides the part "
+                      f"({len(c['files'])} files: {', '.join(c['files'])}), {c['manifests']} manifests, "
+                      f"{c['commit_s']:.2f} s."]
     if res.get("snapshot"):
         sn = res["snapshot"]
-        lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB, written in "
+        lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB in "
+                      f"{sn.get('manifests', 0)} manifests and their manifest list, written in "
                       f"{sn['write_s']:.2f} s, read and type-checked in {sn['read_s']:.2f} s."]
     lines += ["", "Stages of each full build (s): " + "; ".join(
         f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
@@ -259,11 +328,15 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         if S == max(a.shards) and a.append:
             write_shards(images, S, a.append, a.rows, rng)
+            before = file_states(root)
             ap = run_new(images, root, model, cfg)
-            res["append"] = {"base_shards": S, **ap}
+            res["append"] = {"base_shards": S, **ap, "metadata_written": written_since(before, root)["bytes"]}
             print(json.dumps(res["append"]), flush=True)
     if a.snapshot_parts:
         res["snapshot"] = snapshot_cost(a.snapshot_parts, os.path.join(a.out, "snapshot-only"))
+    if a.commit_parts:
+        res["commit"] = commit_cost(a.commit_parts, os.path.join(a.out, "commit-only"), cfg.index.manifest_max_parts)
+        print(json.dumps(res["commit"]), flush=True)
     res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["wall_s"] = time.perf_counter() - t_start
     bs.write_json(a.json, res)
