@@ -5,7 +5,9 @@ A point does nothing unless the environment variable SSCQ_FAILPOINTS names it, e
 - `kill`: SIGKILL this process right here (a real crash at an exact step);
 - `sleep(S)`: pause S seconds (lets a test act, e.g. take the lock over, at that step);
 - `wait(PATH)`: the first caller in any process creates PATH.reached and waits (at most 120 s)
-  until PATH exists; later callers pass through. Orders a race by files, not by sleeps.
+  until PATH exists; later callers pass through. Orders a race by files, not by sleeps;
+- `oserror_once(PATH)`: the first caller that creates PATH raises OSError (a transient storage
+  error); later callers pass through.
 Production runs never set the variable; the cost of an unset point is one dict lookup.
 """
 
@@ -19,6 +21,7 @@ import time
 ENV = "SSCQ_FAILPOINTS"
 _SLEEP = re.compile(r"^sleep\((\d+(?:\.\d+)?)\)$")
 _WAIT = re.compile(r"^wait\((.+)\)$")
+_OSERROR_ONCE = re.compile(r"^oserror_once\((.+)\)$")
 WAIT_LIMIT_S = 120.0
 
 
@@ -42,7 +45,14 @@ def failpoint(name: str) -> None:
     if m:
         _wait_for_file(m.group(1))
         return
-    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill, sleep(S) or wait(PATH))")
+    m = _OSERROR_ONCE.match(action)
+    if m:
+        try:
+            os.close(os.open(m.group(1), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        raise OSError(f"failpoint {name}: injected transient error")
+    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill, sleep(S), wait(PATH) or oserror_once(PATH))")
 
 
 def _wait_for_file(path: str) -> None:

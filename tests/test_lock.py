@@ -1,8 +1,6 @@
 """The index-root lock: one writer per root, lease expiry, takeover, fencing (local and S3 roots)."""
 
 import json
-import os
-import threading
 import time
 import uuid
 

@@ -21,7 +21,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sscq_dist import storage
 from sscq_dist.config import Config, from_dict
@@ -33,6 +32,7 @@ from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
 from sscq_dist.indexing.formats import (IVF_TRAINED_FILE, SCHEMA_VERSION, PartRecord, SourceShard, idmap_bytes, now_iso,
                                         parse_part_record, part_files, part_name, sha256_hex, version_loc,
                                         write_part_record)
+from sscq_dist.indexing.source_read import read_row_groups
 from sscq_dist.records import record_json
 from sscq_dist.storage import Location, resolve
 
@@ -124,8 +124,7 @@ class PartBuilder:
     def build(self, part: str, src: SourceShard) -> PartRecord:
         loc = resolve(src.uri, self.cfg.storage)
         try:
-            index, ids, uris, rows, n_rows = storage.with_retries(lambda: self._encode(loc), f"read {loc.uri}",
-                                                                  loc.storage)
+            index, ids, uris, rows, n_rows = self._encode(loc)
         except FileNotFoundError:
             raise StorageError(f"{src.uri}: not found (removed after the listing?); rerun the reindex") from None
         except PermissionError as exc:
@@ -157,20 +156,18 @@ class PartBuilder:
         ids, uris, rows = [], [], []
         n_rows = 0
         try:
-            with loc.fs.open_input_file(loc.path) as fh:
-                pf = pq.ParquetFile(fh)
-                check_schema(pf.schema_arrow, loc.uri)
-                cols = ["id", "image"] + (["uri"] if "uri" in pf.schema_arrow.names else [])
-                for rb in pf.iter_batches(batch_size=self.cfg.index.encode_batch_size, columns=cols):
-                    b_ids = rb.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
-                    f, ok = self.encoder.embed(rb.column("image").to_pylist())
-                    if ok.any():
-                        fi.add(index, f[ok], b_ids[ok])
-                        ids.append(b_ids[ok])
-                        rows.append(n_rows + np.nonzero(ok)[0])
-                        u = rb.column("uri") if "uri" in cols else pa.nulls(rb.num_rows, pa.string())
-                        uris.append(u.filter(pa.array(ok)))
-                    n_rows += rb.num_rows
+            # Each footer / row-group read is retried on its own (source_read.py), not the whole shard.
+            for _, rb in read_row_groups(loc, lambda sch: ["id", "image"] + (["uri"] if "uri" in sch.names else []),
+                                         self.cfg.index.encode_batch_size, lambda sch: check_schema(sch, loc.uri)):
+                b_ids = rb.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+                f, ok = self.encoder.embed(rb.column("image").to_pylist())
+                if ok.any():
+                    fi.add(index, f[ok], b_ids[ok])
+                    ids.append(b_ids[ok])
+                    rows.append(n_rows + np.nonzero(ok)[0])
+                    u = rb.column("uri") if "uri" in rb.schema.names else pa.nulls(rb.num_rows, pa.string())
+                    uris.append(u.filter(pa.array(ok)))
+                n_rows += rb.num_rows
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise SchemaError(f"{loc.uri}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))

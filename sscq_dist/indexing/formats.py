@@ -47,7 +47,9 @@ from sscq_dist.records import build_record, parse_json_record, record_json, to_p
 from sscq_dist.storage import Location
 
 SCHEMA_VERSION = 2  # part records (and snapshots that listed every part inline, still read)
-MANIFEST_LIST_SCHEMA = 3  # snapshots/<gen>.json as a manifest list; manifests/*.jsonl lines
+# snapshots/<gen>.json as a manifest list (manifests/*.jsonl lines are part entries); numbered
+# apart from the part-record schema, so either can change without the other.
+MANIFEST_LIST_SCHEMA = 4
 CURRENT_NAME = "CURRENT"
 MANIFESTS_DIR = "manifests"
 MANIFEST_SUFFIX = ".jsonl"
@@ -248,6 +250,11 @@ def part_name(source_uri: str, etag: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:64] or "shard"
     digest = hashlib.sha256(f"{source_uri}\0{etag}".encode()).hexdigest()[:16]
     return f"{stem}-{digest}"
+
+
+def entry_files(entry: PartEntry) -> tuple[str, ...]:
+    """Every file (relative to the version folder) a part entry needs: its data files and its record."""
+    return (entry.index_file, entry.ids_file, part_files(entry.part)[-1])
 
 
 def version_loc(root: Location, version: str) -> Location:

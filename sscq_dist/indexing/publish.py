@@ -27,8 +27,8 @@ from sscq_dist.failpoints import failpoint
 from sscq_dist.indexing.conditional import Conflict, put_if, read_versioned
 from sscq_dist.indexing.formats import (CURRENT_NAME, IVF_TRAINED_FILE, LEGACY_MANIFEST, MANIFESTS_DIR, METRICS_FILE,
                                         MODELS_DIR, PARTS_DIR, RECORD_SUFFIX, SNAPSHOTS_DIR, ManifestCache, ManifestRef,
-                                        PartEntry, SkippedShard, Snapshot, current_bytes, list_generations, now_iso,
-                                        parse_current, parse_snapshot_name, part_files, read_current, read_manifest,
+                                        PartEntry, SkippedShard, Snapshot, current_bytes, entry_files, list_generations,
+                                        now_iso, parse_current, parse_snapshot_name, read_current, read_manifest,
                                         read_snapshot, read_snapshot_list, version_loc, write_snapshot)
 from sscq_dist.indexing.leases import leased_snapshots, read_leases
 from sscq_dist.storage import Location
@@ -174,7 +174,7 @@ def _protected(root: Location, version: str, snaps: list[Snapshot], summary: GcS
         if s.legacy:
             keep.add(LEGACY_MANIFEST)
         for p in s.parts:  # legacy and inline (pre-manifest-list) snapshots
-            keep.update((p.index_file, p.ids_file) + (() if s.legacy else (part_files(p.part)[2],)))
+            keep.update((p.index_file, p.ids_file) if s.legacy else entry_files(p))
         for m in s.manifests:
             refs.setdefault(m.file, m)
             gone[m.file] = set(m.deleted) if m.file not in gone else gone[m.file] & set(m.deleted)
@@ -184,7 +184,7 @@ def _protected(root: Location, version: str, snaps: list[Snapshot], summary: GcS
         keep.add(file)
         for p in read_manifest(vloc, ref, cache):
             if p.part not in gone[file]:
-                keep.update((p.index_file, p.ids_file, part_files(p.part)[2]))
+                keep.update(entry_files(p))
     summary.manifests_read += cache.reads
     return keep
 
