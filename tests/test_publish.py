@@ -154,3 +154,23 @@ def test_gc_cli_collects_and_a_failure_after_publish_is_only_a_warning(tmp_path)
     lock.release()
     gc, warning = gc_after_publish(root, cfg, "someone")
     assert warning == "" and gc.retained == ["3/00000002"] and gc.deleted_snapshots == 1
+
+
+def test_gc_command_line(tmp_path):
+    """`jobs/gc.py --index-root` (what `sscq gc` runs): one summary line and exit 0; a locked root
+    is one error line naming the holder."""
+    from conftest import REPO
+    from fault_helpers import assert_one_error_line, run_job
+
+    root = storage.resolve(str(tmp_path / "index"))
+    lock = IndexLock(root, "writer", 60).acquire()
+    g1 = commit(root, 1, [part(root, 0)], lock)
+    commit(root, 2, [part(root, 1)], lock, base=g1)
+    args = ("--index-root", root.uri, "--config", os.path.join(REPO, "configs", "digits.yaml"),
+            f"tracking.output_dir={tmp_path}/out", "index.gc_grace_s=0", "index.gc_keep_generations=1")
+    assert_one_error_line(run_job("gc.py", *args, cwd=str(tmp_path)), "locked by writer")
+    lock.release()
+    out = run_job("gc.py", *args, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gc: kept 1 snapshots (0 leased by readers); deleted 1 snapshots" in out.stdout, out.stdout
+    assert not storage.exists(version_loc(root, "3").join(part(root, 0, write=False).index_file))
