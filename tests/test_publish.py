@@ -121,10 +121,13 @@ def test_a_leased_generation_survives_gc_while_an_unleased_older_one_goes(root):
     commit(root, 4, [part(root, i) for i in (3, 4, 5)], lock, base=g3)
     lease = ReaderLease(root, "replica-on-g1", ttl_s=600)
     lease.renew(["3/00000001"])
+    dead = ReaderLease(root, "dead-replica-on-g2", ttl_s=0.5)  # a replica that stopped renewing
+    dead.renew(["3/00000002"])
     vloc = version_loc(root, "3")
     policy = GcPolicy(keep_generations=2, grace_s=0)
-    s = collect_garbage(root, policy, lock)
+    s = collect_garbage(root, policy, lock, now=time.time() + 1)  # the dead lease has lapsed by then
     assert s.retained == ["3/00000001", "3/00000003", "3/00000004"] and s.leased == {"3/00000001": "replica-on-g1"}
+    assert s.expired_leases == 1 and not storage.exists(dead.loc)  # an expired lease keeps nothing and goes
     assert not storage.exists(vloc.join("snapshots", "00000002.json"))  # unleased, beyond keep_generations
     assert not storage.exists(vloc.join(part(root, 9, write=False).index_file))  # only generation 2 named it
     assert storage.exists(vloc.join(part(root, 0, write=False).index_file))  # generation 1's, leased
