@@ -5,7 +5,7 @@ parts' ranges (O(S log S) over the records it already holds) into overlapping gr
 with a part new in this run are checked by one Ray Data pass: every id-map file of those
 groups is read once on a worker, ids are hash-bucketed, and each bucket is checked for
 repeats. Sequential ids (ingest's) give disjoint ranges and cost no reads at all; hash ids
-overlap everywhere and cost one pass over the id maps (8 bytes per id).
+overlap everywhere and cost one pass over the parts' id columns (8 bytes per id).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from sscq_dist.config import StorageConfig
 from sscq_dist.errors import IndexError_
-from sscq_dist.indexing.formats import PartEntry, parse_idmap
+from sscq_dist.indexing.formats import PartEntry, parse_part_ids
 from sscq_dist.storage import Location, read_bytes, resolve
 
 IDS_PER_BUCKET = 2_000_000  # ~16 MB of ids per reduce task
@@ -40,11 +40,10 @@ def overlapping_groups(parts: list[PartEntry], new: set[str]) -> list[list[PartE
 
 
 def _map_ids(files: list, buckets: int, storage_cfg: dict) -> list:
-    """Read id maps [(uri, part number)], split (ids, part numbers) into `buckets` hash buckets."""
+    """Read part files' ids [(uri, part number)], split (ids, part numbers) into `buckets` hash buckets."""
     ids, nums = [], []
     for uri, num in files:
-        table = parse_idmap(read_bytes(resolve(uri, StorageConfig(**storage_cfg))), uri, columns=["id"])
-        col = table.column("id").to_numpy()
+        col = parse_part_ids(read_bytes(resolve(uri, StorageConfig(**storage_cfg))), uri)
         ids.append(col)
         nums.append(np.full(len(col), num, np.int32))
     i, n = np.concatenate(ids), np.concatenate(nums)
@@ -72,7 +71,7 @@ def find_duplicate(vloc: Location, parts: list[PartEntry], storage_cfg: StorageC
 
     if len(parts) < 2:
         return None
-    files = [(vloc.join(p.ids_file).uri, i) for i, p in enumerate(parts)]
+    files = [(vloc.join(p.index_file).uri, i) for i, p in enumerate(parts)]
     buckets = max(1, math.ceil(sum(p.indexed for p in parts) / IDS_PER_BUCKET))
     mappers = min(len(files), MAX_MAP_TASKS, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     map_task = ray.remote(_map_ids).options(num_returns=buckets, num_cpus=1)

@@ -21,9 +21,8 @@ import pyarrow.fs as pafs
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_
 from sscq_dist.failpoints import failpoint
-from sscq_dist.indexing.formats import (CURRENT_NAME, IVF_TRAINED_FILE, LEGACY_MANIFEST, METRICS_FILE, MODELS_DIR,
-                                        PARTS_DIR,
-                                        RECORD_SUFFIX, SNAPSHOTS_DIR, PartEntry, Snapshot, list_generations,
+from sscq_dist.indexing.formats import (CURRENT_NAME, METRICS_FILE, MODELS_DIR, PARTS_DIR, RECORD_SUFFIX,
+                                        TRAINED_FILE, SNAPSHOTS_DIR, PartEntry, Snapshot, list_generations,
                                         now_iso, parse_snapshot_name, part_files, read_current, read_snapshot,
                                         write_current, write_snapshot)
 from sscq_dist.storage import Location
@@ -125,14 +124,10 @@ def _retained_chain(root: Location, grace_s: float, now: float) -> dict[str, Sna
 
 def _protected(snaps: list[Snapshot]) -> set[str]:
     """Paths (relative to the version folder) that the given snapshots of one version need."""
-    keep: set[str] = {IVF_TRAINED_FILE, METRICS_FILE} if snaps else set()
+    keep: set[str] = {TRAINED_FILE, METRICS_FILE} if snaps else set()
     for s in snaps:
-        if s.legacy:
-            keep.add(LEGACY_MANIFEST)
         for p in s.parts:
-            keep.update((p.index_file, p.ids_file))
-            if not s.legacy:
-                keep.add(part_files(p.part)[2])
+            keep.update(part_files(p.part))
     return keep
 
 
