@@ -97,3 +97,32 @@ def test_the_cache_is_bounded_in_bytes():
     assert lru.nbytes == 90 and lru.get(9) is not None and lru.get(0) is None
     lru.put("big", b"x" * 101, 101)  # larger than the whole cache: not kept
     assert lru.get("big") is None and lru.nbytes == 90
+
+
+def test_on_s3_a_thumbnail_requests_exactly_the_footer_and_one_chunk(s3_bucket, monkeypatch):
+    """Counted at the S3 client: the ranges GetObject asks for are the tail, the footer and the
+    image chunk of one row group (no read-ahead block), plus one HEAD for the etag check."""
+    uri = f"s3://{s3_bucket}/src/part-00000.parquet"
+    imgs = write_shard(uri, n=2500)
+    requests = []
+    original = storage.s3fs_filesystem
+
+    def counting(cfg=None):
+        fs = original(cfg)
+        fs.connect()
+        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: requests.append(
+            (model.name, params.get("Range"))))
+        return fs
+    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    loc = storage.resolve(uri)
+    shard = stat_source_shard(loc)
+    with loc.fs.open_input_file(loc.path) as fh:
+        md = pq.ParquetFile(fh).metadata
+    footer = int.from_bytes(storage.read_bytes(loc)[-8:-4], "little") + 8
+    requests.clear()
+    th = reader().thumbnail(uri, shard.etag, 1, 3)
+    assert np.array_equal(np.array(Image.open(io.BytesIO(th.png))), np.array(Image.open(io.BytesIO(imgs[1000 + 3]))))  # groups of 1,000
+    gets = [r for name, r in requests if name == "GetObject"]
+    fetched = sum(int(hi) - int(lo) + 1 for lo, hi in (r.split("=")[1].split("-") for r in gets))
+    assert fetched == th.bytes_read == footer + md.row_group(1).column(1).total_compressed_size, (requests, fetched)
+    assert [name for name, _ in requests if name != "GetObject"] == ["HeadObject"], requests

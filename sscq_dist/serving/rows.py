@@ -77,14 +77,18 @@ class ByteLRU:
 
 
 class _CountingFile:
-    """A read-only file object that counts the bytes read through it (for `bytes_read`)."""
+    """Ranged reads of one file (an Arrow file or an unbuffered s3fs file), counting the bytes."""
 
-    def __init__(self, raw: pa.NativeFile):
+    def __init__(self, raw):
         self.raw = raw
         self.count = 0
 
     def read_at(self, nbytes: int, offset: int) -> bytes:
-        data = self.raw.read_at(nbytes, offset)
+        if isinstance(self.raw, pa.NativeFile):
+            data = self.raw.read_at(nbytes, offset)
+        else:
+            self.raw.seek(offset)
+            data = self.raw.read(nbytes)
         self.count += len(data)
         return data
 
@@ -119,55 +123,63 @@ class ThumbnailReader:
 
     def thumbnail(self, shard: str, etag: str, row_group: int, row: int) -> Thumb:
         loc = storage.resolve(shard, self.storage_cfg)
-        try:
-            now = stat_source_shard(loc)
-        except SchemaError:
-            raise storage.NotFound(f"source shard not found: {storage.redact_uri(shard)}") from None
-        if now.etag != etag:
-            raise ShardChanged(f"source shard {storage.redact_uri(shard)} was rewritten after it was indexed (etag "
-                               f"{now.etag[:40]!r}, indexed {etag[:40]!r}); reindex to see its images")
-        key = ("thumb", shard, etag, int(row_group), int(row), self.thumb_size)
-        png = self.cache.get(key)
-        if png is not None:
-            return Thumb(png, 0, True)
-        data, nread = storage.with_retries(lambda: self._read_image(loc, shard, etag, now.size, row_group, row),
-                                           f"read {loc.uri}", loc.storage)
+        return storage.with_retries(lambda: self._thumbnail(loc, shard, etag, int(row_group), int(row)),
+                                    f"read {loc.uri}", loc.storage)
+
+    def _thumbnail(self, loc: storage.Location, shard: str, etag: str, row_group: int, row: int) -> Thumb:
+        fh, size, now = _open_with_etag(loc, shard)
+        with fh:
+            if now != etag:
+                raise ShardChanged(f"source shard {storage.redact_uri(shard)} was rewritten after it was indexed "
+                                   f"(etag {now[:40]!r}, indexed {etag[:40]!r}); reindex to see its images")
+            key = ("thumb", shard, etag, row_group, row, self.thumb_size)
+            png = self.cache.get(key)
+            if png is not None:
+                return Thumb(png, 0, True)
+            f = _CountingFile(fh)
+            data = self._read_image(f, shard, etag, size, row_group, row)
         png = thumbnail_png(data, self.thumb_size, self.max_pixels)
         self.cache.put(key, png, len(png))
-        return Thumb(png, nread, False)
+        return Thumb(png, f.count, False)
 
-    def _read_image(self, loc: storage.Location, shard: str, etag: str, size: int, row_group: int,
-                    row: int) -> tuple[bytes, int]:
-        try:
-            fh = loc.fs.open_input_file(loc.path)
-        except FileNotFoundError:
-            raise storage.NotFound(f"source shard not found: {storage.redact_uri(shard)}") from None
-        with fh:
-            f = _CountingFile(fh)
-            footer = self.cache.get(("footer", shard, etag))
-            if footer is None:
-                footer = read_footer(f, size, shard)
-                self.cache.put(("footer", shard, etag), footer, footer.nbytes)
-            md = footer.metadata
-            if not 0 <= row_group < md.num_row_groups:
-                raise SSCQError(f"row group {row_group} is outside source shard {storage.redact_uri(shard)} "
-                                f"({md.num_row_groups} row groups)")
-            rg = md.row_group(row_group)
-            if not 0 <= row < rg.num_rows:
-                raise SSCQError(f"row {row} is outside row group {row_group} of {storage.redact_uri(shard)} "
-                                f"({rg.num_rows} rows)")
-            chunk = next((rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == IMAGE_COLUMN),
-                         None)
-            if chunk is None:
-                raise SSCQError(f"source shard {storage.redact_uri(shard)} has no '{IMAGE_COLUMN}' column")
-            if chunk.total_compressed_size > self.max_chunk_bytes:
-                raise RowGroupTooLarge(f"row group {row_group} of {storage.redact_uri(shard)} holds "
-                                       f"{chunk.total_compressed_size} bytes of images, above serve.thumb_max_chunk_bytes="
-                                       f"{self.max_chunk_bytes}; re-ingest it with smaller row groups")
-            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-            raw = f.read_at(chunk.total_compressed_size, start)
-            value = _column_chunk_value(md, size, row_group, raw, start, row)
-            return value, f.count
+    def _read_image(self, f: "_CountingFile", shard: str, etag: str, size: int, row_group: int, row: int) -> bytes:
+        """The image bytes of (row group, row): the footer (once per shard etag) and one column chunk."""
+        footer = self.cache.get(("footer", shard, etag))
+        if footer is None:
+            footer = read_footer(f, size, shard)
+            self.cache.put(("footer", shard, etag), footer, footer.nbytes)
+        md = footer.metadata
+        if not 0 <= row_group < md.num_row_groups:
+            raise SSCQError(f"row group {row_group} is outside source shard {storage.redact_uri(shard)} "
+                            f"({md.num_row_groups} row groups)")
+        rg = md.row_group(row_group)
+        if not 0 <= row < rg.num_rows:
+            raise SSCQError(f"row {row} is outside row group {row_group} of {storage.redact_uri(shard)} "
+                            f"({rg.num_rows} rows)")
+        chunk = next((rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema == IMAGE_COLUMN),
+                     None)
+        if chunk is None:
+            raise SSCQError(f"source shard {storage.redact_uri(shard)} has no '{IMAGE_COLUMN}' column")
+        if chunk.total_compressed_size > self.max_chunk_bytes:
+            raise RowGroupTooLarge(f"row group {row_group} of {storage.redact_uri(shard)} holds "
+                                   f"{chunk.total_compressed_size} bytes of images, above serve.thumb_max_chunk_bytes="
+                                   f"{self.max_chunk_bytes}; re-ingest it with smaller row groups")
+        start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+        raw = f.read_at(chunk.total_compressed_size, start)
+        return _column_chunk_value(md, size, row_group, raw, start, row)
+
+
+def _open_with_etag(loc: storage.Location, shard: str):
+    """(open file, size, current etag) with one HEAD. On S3 the file is unbuffered (s3fs would
+    read ahead a 50 MB block from the chunk's start) and its own HEAD gives the etag."""
+    try:
+        if loc.is_s3:
+            fh = loc.fs.handler.fs.open(loc.path, mode="rb", cache_type="none")
+            return fh, int(fh.size), str(fh.details.get("ETag", "")).strip('"')
+        now = stat_source_shard(loc)
+        return loc.fs.open_input_file(loc.path), now.size, now.etag
+    except (FileNotFoundError, SchemaError):
+        raise storage.NotFound(f"source shard not found: {storage.redact_uri(shard)}") from None
 
 
 def read_footer(f: _CountingFile, size: int, where: str) -> Footer:
