@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from fault_helpers import assert_one_error_line, job_env, random_model_dir, run_job
+from fault_helpers import assert_one_error_line, job_env, random_model_dir, record_s3_requests, run_job
 from sscq_dist import storage
 from sscq_dist.data.schema import IMAGE_SCHEMA
 from sscq_dist.encoding import encode_set
@@ -203,16 +203,8 @@ def test_s3_plan_is_one_listing_and_append_publishes_a_new_generation(trained, m
     assert first.encoded_shards == 6 and first.total_rows == 1500 and first.snapshot.endswith("/00000001")
     g1 = read_snapshot(resolve(root), first.snapshot)
     # "Nothing to do" costs one listing of the sources and no read of any source shard.
-    calls = []
     original = storage.s3fs_filesystem
-
-    def counting(cfg_=None):
-        fs = original(cfg_)
-        fs.connect()
-        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: calls.append(
-            (model.name, params.get("Key") or params.get("Prefix") or "")))
-        return fs
-    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    calls = record_s3_requests(monkeypatch, lambda params: params.get("Key") or params.get("Prefix") or "")
     again = reindex(src + "/train", root, f"models:/sscq/{model.version}", cfg, loaded=model)
     monkeypatch.setattr(storage, "s3fs_filesystem", original)
     assert again.nothing_to_do

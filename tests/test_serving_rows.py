@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fault_helpers import record_s3_requests
 from sscq_dist import storage
 from sscq_dist.errors import SSCQError
 from sscq_dist.indexing.plan import stat_source_shard
@@ -104,16 +105,7 @@ def test_on_s3_a_thumbnail_requests_exactly_the_footer_and_one_chunk(s3_bucket, 
     image chunk of one row group (no read-ahead block), plus one HEAD for the etag check."""
     uri = f"s3://{s3_bucket}/src/part-00000.parquet"
     imgs = write_shard(uri, n=2500)
-    requests = []
-    original = storage.s3fs_filesystem
-
-    def counting(cfg=None):
-        fs = original(cfg)
-        fs.connect()
-        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: requests.append(
-            (model.name, params.get("Range"))))
-        return fs
-    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    requests = record_s3_requests(monkeypatch, lambda params: params.get("Range"))
     loc = storage.resolve(uri)
     shard = stat_source_shard(loc)
     with loc.fs.open_input_file(loc.path) as fh:
