@@ -341,7 +341,7 @@ def main() -> int:
     import bench_setup as bs
 
     if a.thumbs:  # before Ray starts: its workers inherit the emulator's endpoint
-        emulator = start_s3_emulator()
+        emulator = S3Emulator()
         src_bucket = f"s3://bench-src-{os.getpid()}"
         storage.s3fs_filesystem().call_s3("create_bucket", Bucket=src_bucket[5:])
         roots["labels"] = os.path.abspath(os.path.join(a.work, f"rows{a.rows}-parts{a.parts[0]}-labels-{os.getpid()}"))
@@ -407,16 +407,29 @@ def main() -> int:
     return 0
 
 
-def start_s3_emulator():
-    """moto's S3 server on 127.0.0.1 (as the tests use), with this process's env pointing at it."""
-    from moto.server import ThreadedMotoServer
+class S3Emulator:
+    """moto's S3 server on 127.0.0.1 in its own process (not competing with the client threads
+    for this process's GIL), with this process's env pointing at it."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    return server
+    def __init__(self):
+        import subprocess
+
+        port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the S3 emulator did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def results_run(a, roots: dict, queries: np.ndarray, port: int) -> dict:

@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,9 +121,21 @@ class ThumbnailReader:
         self.thumb_size = int(thumb_size)
         self.max_pixels = int(max_pixels)
         self.cache = ByteLRU(int(cache_mb * 1024 * 1024))
+        self._buckets: dict[str, storage.Location] = {}  # one filesystem (one S3 client) per bucket
+
+    def _location(self, shard: str) -> storage.Location:
+        """The shard's Location; S3 shards share their bucket's filesystem (a new S3 client per
+        request would cost more than the thumbnail)."""
+        p = urlparse(shard)
+        if p.scheme.lower() != "s3":
+            return storage.resolve(shard, self.storage_cfg)
+        bucket = self._buckets.get(p.netloc)
+        if bucket is None:
+            bucket = self._buckets.setdefault(p.netloc, storage.resolve(f"s3://{p.netloc}", self.storage_cfg))
+        return bucket.join(p.path)
 
     def thumbnail(self, shard: str, etag: str, row_group: int, row: int) -> Thumb:
-        loc = storage.resolve(shard, self.storage_cfg)
+        loc = self._location(shard)
         return storage.with_retries(lambda: self._thumbnail(loc, shard, etag, int(row_group), int(row)),
                                     f"read {loc.uri}", loc.storage)
 
