@@ -243,7 +243,7 @@ class ServeConfig:
     ingress_cpus: float = 1.0
     host: str = "127.0.0.1"
     port: int = 8000
-    # Local folder for part files, id maps and the memory-mapped lookup files.
+    # Local folder for part files and the memory-mapped row-metadata (lookup) files.
     cache_dir: str = ".cache/index"
     # (run time) Seconds between reads of CURRENT; a new snapshot serves within this plus its load time.
     watch_interval_s: float = 10.0

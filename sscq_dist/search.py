@@ -103,7 +103,7 @@ class Searcher:
              codebooks: Optional[np.ndarray] = None, snapshot: Optional[str] = None) -> "Searcher":
         """Open the snapshot named by <root>/CURRENT (or `snapshot`, '<version>/<generation>').
 
-        cache_dir: local directory keeping part and id-map files between opens;
+        cache_dir: local directory keeping part files between opens;
         nprobe: overrides the IVF nprobe stored in the index; codebooks (M, K, d): when
         given, refused unless they match the snapshot's checksum (the query encoder must
         be the model that built the index).
@@ -118,7 +118,7 @@ class Searcher:
         return cls(part, root_uri=root.uri, encoder=encoder)
 
     def lookup_uris(self, ids: np.ndarray) -> list[list[Optional[str]]]:
-        """(Q, k) int64 ids -> uris (None for -1 or an id absent from the id maps)."""
+        """(Q, k) int64 ids -> uris (None for -1 or an id absent from the parts)."""
         ids = np.asarray(ids, dtype=np.int64)
         infos = self.partition.row_info(self.partition.positions_of(ids))
         k = ids.shape[1]

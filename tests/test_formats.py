@@ -1,4 +1,4 @@
-"""On-disk formats of an index root: part records, snapshots, CURRENT, id maps, part names."""
+"""On-disk formats of an index root: part records, snapshots, CURRENT, lean part files, part names."""
 
 import dataclasses
 import json

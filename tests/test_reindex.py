@@ -310,7 +310,7 @@ def test_unique_random_ids_pass_and_disjoint_ranges_skip_the_pass(tmp_path, rand
     assert s.total_rows == 120 and s.ids_checked == 120  # overlapping ranges: every id read once
     write_image_shards(str(tmp_path / "seq"), 4, 30, ids=np.arange(120))
     s = reindex(str(tmp_path / "seq"), str(tmp_path / "i2"), random_model, cfg, progress=False)
-    assert s.total_rows == 120 and s.ids_checked == 0  # disjoint ranges: no id map read at all
+    assert s.total_rows == 120 and s.ids_checked == 0  # disjoint ranges: no part file read at all
 
 
 # --------------------------------------------------------------------------- snapshots and GC
