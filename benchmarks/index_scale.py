@@ -13,7 +13,12 @@ For each S, in one run on one machine:
   and the metadata bytes that commit wrote;
 - a one-part commit to a `--commit-parts`-part index through the real publish path (lock,
   manifests, manifest list, compare-and-swap of CURRENT): bytes written besides the part's
-  own files (every file created or rewritten, counted on disk).
+  own files (every file created or rewritten, counted on disk);
+- fixed bytes per part (`--overhead-rows`): the same rows written as 20 and as 2,000 lean
+  parts by the real part writer (codes from FAISS's encoder with the version's trained
+  index), flat and IVF at nlist 1,024 and 16,384: (bytes at 2,000 - bytes at 20) / 1,980,
+  counting part files, commit records and manifest entries; beside it, the trained index
+  every part of the previous design copied.
 
 The previous design (commit `--baseline-commit`: one manifest.json rewritten after every
 shard, embeddings streamed to the driver) runs at S in `--baseline-shards` in a subprocess
@@ -55,13 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time writing and reading one snapshot listing this many parts (the 1B-image size)")
     p.add_argument("--commit-parts", type=int, default=2000,
                    help="measure a one-part append to an index of this many parts (metadata bytes written)")
+    p.add_argument("--overhead-rows", type=int, default=100_000,
+                   help="rows written as 20 and as 2,000 parts to measure the fixed bytes per part (0: skip)")
     p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
         a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [], 10, 2, 1000
-        a.commit_parts = 200
+        a.commit_parts, a.overhead_rows = 200, 4000
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -185,10 +192,9 @@ def _bench_entry(i: int):
 
     src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
     name = part_name(src.uri, src.etag)
-    index_file, ids_file, _ = part_files(name)
+    index_file, _ = part_files(name)
     return PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
-                     id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=130_000,
-                     ids_file=ids_file, ids_bytes=250_000)
+                     id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=380_000)
 
 
 def commit_cost(n_parts: int, root: str, manifest_max_parts: int) -> dict:
@@ -226,10 +232,8 @@ def snapshot_cost(n_parts: int, root: str) -> dict:
     for i in range(n_parts):
         src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
         name = part_name(src.uri, src.etag)
-        index_file, ids_file, _ = part_files(name)
         parts.append(PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
-                               id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=130_000,
-                               ids_file=ids_file, ids_bytes=250_000))
+                               id_max=i * 10_000 + 9_999, index_file=part_files(name)[0], index_bytes=400_000))
     snap = Snapshot(generation=1, model_uri="models:/sscq/7", model_version="7", codebook_checksum="sha256:" + "0" * 64,
                     bits=32, M=8, K=16, index_type="ivf_pq_fastscan", index_params={"nlist": 65536, "nprobe": 160},
                     coarse_checksum="0" * 64, created_at="2026-11-30T00:00:00+00:00", previous=None, writer="bench",
@@ -244,6 +248,77 @@ def snapshot_cost(n_parts: int, root: str) -> dict:
     size = os.path.getsize(os.path.join(root, "models", "7", "snapshots", "00000001.json"))
     size += sum(m.bytes for m in snap.manifests)  # the manifest list and every manifest it names
     return {"parts": n_parts, "bytes": size, "manifests": len(snap.manifests), "write_s": t1 - t0, "read_s": t2 - t1}
+
+
+OVERHEAD_KINDS = (("flat", "pq_fastscan", 0), ("IVF nlist 1,024", "ivf_pq_fastscan", 1024),
+                  ("IVF nlist 16,384", "ivf_pq_fastscan", 16_384))
+OVERHEAD_PARTS = (20, 2000)
+
+
+def trained_index(kind: str, nlist: int, codebooks: np.ndarray, rng: np.random.Generator):
+    """The version's trained empty index; the IVF quantizer holds random centroids (only the
+    list numbers a part stores depend on it, and k-means at nlist 16,384 is not what is measured)."""
+    import faiss
+
+    from sscq_dist.indexing import faiss_index as fi
+
+    if kind == "pq_fastscan":
+        return fi.build_pq_fastscan(codebooks)
+    m, _, d = codebooks.shape
+    quantizer = faiss.IndexFlatL2(m * d)
+    quantizer.add(rng.standard_normal((nlist, m * d)).astype(np.float32))
+    index = faiss.IndexIVFPQFastScan(quantizer, m * d, nlist, m, 4)
+    index.by_residual = False
+    faiss.copy_array_to_vector(codebooks.ravel(), index.pq.centroids)
+    index.is_trained, index.own_fields = True, True
+    quantizer.this.disown()
+    return index
+
+
+def part_overhead(n_rows: int, root: str) -> list[dict]:
+    """Fixed bytes a lean part adds beyond its rows: the same rows as 20 and as 2,000 parts."""
+    import pyarrow as pa
+
+    from sscq_dist.indexing import faiss_index as fi
+    from sscq_dist.indexing.formats import (PART_META_SCHEMA, PartRows, SourceShard, manifest_bytes, part_files,
+                                            part_name, sha256_hex, version_loc, write_part)
+    from sscq_dist.storage import resolve
+
+    rng = np.random.default_rng(0)
+    codebooks = rng.standard_normal((8, 16, 16)).astype(np.float32)
+    x, _ = fi.synthetic_embeddings(codebooks, n_rows, 0.5, rng)
+    ids = rng.integers(0, 2 ** 62, n_rows, dtype=np.int64)
+    rows_in = np.arange(n_rows)
+    meta = pa.table({"label": [[int(i % 10)] for i in ids], "uri": [f"s3://bucket/images/{i}.jpg" for i in ids],
+                     "row_group": (rows_in % 10_000 // 1024).astype(np.int32),
+                     "row": (rows_in % 1024).astype(np.int32)}, schema=PART_META_SCHEMA)
+    out = []
+    for label, kind, nlist in OVERHEAD_KINDS:
+        trained = trained_index(kind, nlist, codebooks, rng)
+        trained_bytes = fi.serialize(trained)
+        codes, lists = fi.encode(trained, x)
+        total = {}
+        for n_parts in OVERHEAD_PARTS:
+            version = f"{kind}-{nlist}-{n_parts}"
+            vloc = version_loc(resolve(root), version)
+            entries, written = [], 0
+            for j, sel in enumerate(np.array_split(rows_in, n_parts)):
+                src = SourceShard(f"s3://bucket/images/part-{j:06d}.parquet", 300_000_000, f"{j:032x}")
+                rows = PartRows(ids[sel], codes[sel], None if lists is None else lists[sel], meta.take(sel))
+                rec = write_part(vloc, part_name(src.uri, src.etag), src, rows, len(sel), model_version=version,
+                                 codebook_checksum=fi.codebook_checksum(codebooks), index_type=kind,
+                                 coarse_checksum=sha256_hex(trained_bytes))
+                written += sum(os.path.getsize(os.path.join(root, "models", version, f))
+                               for f in part_files(rec.part))
+                entries.append(rec.entry())
+            # Each part's entry in the generation's manifests (the manifest list itself is O(manifests)).
+            total[n_parts] = written + len(manifest_bytes(entries))
+        few, many = OVERHEAD_PARTS
+        out.append({"kind": label, "rows": n_rows, "bytes_20": total[few], "bytes_2000": total[many],
+                    "fixed_bytes_per_part": (total[many] - total[few]) / (many - few),
+                    "trained_index_bytes": len(trained_bytes)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -280,6 +355,14 @@ def markdown(res: dict) -> str:
         lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB in "
                       f"{sn.get('manifests', 0)} manifests and their manifest list, written in "
                       f"{sn['write_s']:.2f} s, read and type-checked in {sn['read_s']:.2f} s."]
+    if res.get("part_overhead"):
+        po = res["part_overhead"]
+        lines += ["", f"Fixed bytes per lean part ({po[0]['rows']:,} rows written as 20 and as 2,000 parts; part "
+                      "file + commit record + manifest entry):", "",
+                  "| index | bytes, 20 parts | bytes, 2,000 parts | fixed bytes per part | trained.index (once per "
+                  "version; the previous design copied it into every part) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {o['kind']} | {o['bytes_20']:,} | {o['bytes_2000']:,} | {o['fixed_bytes_per_part']:,.0f} | "
+                  f"{o['trained_index_bytes']:,} |" for o in po]
     lines += ["", "Stages of each full build (s): " + "; ".join(
         f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
                                           if k != "build_first_part") for r in res["new"])]
@@ -337,6 +420,8 @@ def main(argv=None) -> int:
     if a.commit_parts:
         res["commit"] = commit_cost(a.commit_parts, os.path.join(a.out, "commit-only"), cfg.index.manifest_max_parts)
         print(json.dumps(res["commit"]), flush=True)
+    if a.overhead_rows:
+        res["part_overhead"] = part_overhead(a.overhead_rows, os.path.join(a.out, "part-overhead"))
     res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["wall_s"] = time.perf_counter() - t_start
     bs.write_json(a.json, res)

@@ -3,11 +3,11 @@
 Two parts can share an id only if their [id_min, id_max] ranges overlap. The driver sorts the
 parts' ranges (O(S log S) over the records it already holds) into overlapping groups; groups
 with a part new in this run are checked by one partitioned hash join on Ray tasks: map tasks
-read the id-map files (each once), hash-partition (id, part) by id into buckets, and one
+read the parts' id columns (each file once), hash-partition (id, part) by id into buckets, and one
 reduce task per bucket sorts its ids and counts the repeats. The driver receives per bucket a
 count and at most MAX_EXAMPLES examples, never the ids. Sequential ids (ingest's) give
 disjoint ranges and cost no reads at all; hash ids overlap everywhere and cost one pass over
-the id maps (8 bytes per id, on the workers).
+the parts' id columns (8 bytes per id, on the workers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from sscq_dist.config import StorageConfig
 from sscq_dist.errors import IndexError_
-from sscq_dist.indexing.formats import PartEntry, parse_idmap
+from sscq_dist.indexing.formats import PartEntry, parse_part_ids
 from sscq_dist.storage import Location, read_bytes, resolve
 
 IDS_PER_BUCKET = 2_000_000  # ~16 MB of ids per reduce task
@@ -41,11 +41,10 @@ def overlapping_groups(parts: list[PartEntry], new: set[str]) -> list[list[PartE
 
 
 def _map_ids(files: list, buckets: int, storage_cfg: dict) -> list:
-    """Read id maps [(uri, part number)], hash-partition (ids, part numbers) into `buckets` buckets."""
+    """Read part files' ids [(uri, part number)], hash-partition (ids, part numbers) into `buckets` buckets."""
     ids, nums = [], []
     for uri, num in files:
-        table = parse_idmap(read_bytes(resolve(uri, StorageConfig(**storage_cfg))), uri, columns=["id"])
-        col = table.column("id").to_numpy()
+        col = parse_part_ids(read_bytes(resolve(uri, StorageConfig(**storage_cfg))), uri)
         ids.append(col)
         nums.append(np.full(len(col), num, np.int32))
     i, n = np.concatenate(ids), np.concatenate(nums)
@@ -77,7 +76,7 @@ def find_duplicates(vloc: Location, parts: list[PartEntry],
 
     if len(parts) < 2:
         return 0, []
-    files = [(vloc.join(p.ids_file).uri, i) for i, p in enumerate(parts)]
+    files = [(vloc.join(p.index_file).uri, i) for i, p in enumerate(parts)]
     buckets = max(1, math.ceil(sum(p.indexed for p in parts) / IDS_PER_BUCKET))
     mappers = min(len(files), MAX_MAP_TASKS, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
     map_task = ray.remote(_map_ids).options(num_returns=buckets, num_cpus=1)

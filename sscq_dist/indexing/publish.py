@@ -25,8 +25,8 @@ from sscq_dist import storage
 from sscq_dist.errors import IndexError_, StorageError
 from sscq_dist.failpoints import failpoint
 from sscq_dist.indexing.conditional import Conflict, put_if, read_versioned
-from sscq_dist.indexing.formats import (CURRENT_NAME, IVF_TRAINED_FILE, LEGACY_MANIFEST, MANIFESTS_DIR, METRICS_FILE,
-                                        MODELS_DIR, PARTS_DIR, RECORD_SUFFIX, SNAPSHOTS_DIR, ManifestCache, ManifestRef,
+from sscq_dist.indexing.formats import (CURRENT_NAME, MANIFESTS_DIR, METRICS_FILE, MODELS_DIR, PARTS_DIR,
+                                        RECORD_SUFFIX, SNAPSHOTS_DIR, TRAINED_FILE, ManifestCache, ManifestRef,
                                         PartEntry, SkippedShard, Snapshot, current_bytes, entry_files, list_generations,
                                         now_iso, parse_current, parse_snapshot_name, read_current, read_manifest,
                                         read_snapshot, read_snapshot_list, version_loc, write_snapshot)
@@ -167,14 +167,10 @@ def _protected(root: Location, version: str, snaps: list[Snapshot], summary: GcS
     Each manifest is read once, however many retained generations name it; a part counts as
     removed only if every retained snapshot naming its manifest has it on its delete list.
     """
-    keep: set[str] = {IVF_TRAINED_FILE, METRICS_FILE} if snaps else set()
+    keep: set[str] = {TRAINED_FILE, METRICS_FILE} if snaps else set()
     refs: dict[str, ManifestRef] = {}
     gone: dict[str, set[str]] = {}
     for s in snaps:
-        if s.legacy:
-            keep.add(LEGACY_MANIFEST)
-        for p in s.parts:  # legacy and inline (pre-manifest-list) snapshots
-            keep.update((p.index_file, p.ids_file) if s.legacy else entry_files(p))
         for m in s.manifests:
             refs.setdefault(m.file, m)
             gone[m.file] = set(m.deleted) if m.file not in gone else gone[m.file] & set(m.deleted)

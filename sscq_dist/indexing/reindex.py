@@ -35,11 +35,11 @@ from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.build import BuildJob, BuildResult, build_parts, raise_build_errors
 from sscq_dist.indexing.formats import SkippedShard, Snapshot, part_name
 from sscq_dist.indexing.id_check import check_unique_ids
-from sscq_dist.indexing.ivf import ensure_coarse_quantizer
 from sscq_dist.indexing.lock import IndexLock
 from sscq_dist.indexing.plan import Plan, make_plan
 from sscq_dist.indexing.publish import (GcPolicy, GcSummary, collect_garbage, flip_current, new_snapshot,
                                         next_generation, publish_snapshot)
+from sscq_dist.indexing.trained import ensure_trained_index
 from sscq_dist.registry import LoadedModel, load_model
 from sscq_dist.storage import redact_uri, resolve
 from sscq_dist.tracking import absolute_store_uri, tracking_uri
@@ -63,7 +63,6 @@ class ReindexSummary:
     seconds: float
     flipped: bool
     nothing_to_do: bool
-    migrated: bool = False  # the version was rebuilt from the pre-snapshot manifest.json layout
     ids_checked: int = 0
     driver_received_bytes: int = 0
     gc: Optional[GcSummary] = None
@@ -88,7 +87,6 @@ class ReindexSummary:
         rate = self.encoded_rows / self.seconds if self.seconds else 0.0
         extra = [f"{self.resumed_shards} resumed"] if self.resumed_shards else []
         extra += [f"{self.removed_shards} removed"] if self.removed_shards else []
-        extra += ["migrated from the manifest.json layout"] if self.migrated else []
         return (f"reindex: version {self.model_version}: encoded {self.encoded_shards} shards / {self.encoded_rows} rows "
                 f"({self.dropped_rows} undecodable skipped) at {rate:.0f} img/s"
                 f"{' (' + ', '.join(extra) + ')' if extra else ''}; snapshot {self.snapshot}: {self.total_rows} rows "
@@ -200,14 +198,12 @@ def _build_and_assemble(plan: Plan, loaded: LoadedModel, cfg: Config, lock, prog
     """
     enc_cfg = encode_config(cfg, loaded)
     checksum = fi.codebook_checksum(loaded.codebooks)
-    coarse, params = "", {}
-    if cfg.index.index_type == "ivf_pq_fastscan":
-        coarse, nlist = ensure_coarse_quantizer(plan.vloc, plan.sources, loaded.uri, enc_cfg, loaded.codebooks)
-        params = {"nlist": nlist, "nprobe": cfg.index.nprobe}
-        stages.done("ivf")
+    # The version's one trained empty index (codebooks, IVF quantizer): parts hold codes only.
+    coarse, params = ensure_trained_index(plan.vloc, plan.sources, loaded.uri, enc_cfg, loaded.codebooks)
+    stages.done("ivf")
     if progress:
         CONSOLE.line(f"[reindex] {plan.root.uri}: {len(plan.todo)} of {len(plan.sources)} source shards to build "
-                     f"for version {plan.version}{' (migrating from manifest.json)' if plan.migrating_legacy else ''}")
+                     f"for version {plan.version}")
     job = BuildJob(root_uri=plan.root.uri, model_uri=loaded.uri, version=plan.version, codebook_checksum=checksum,
                    index_type=cfg.index.index_type, coarse_checksum=coarse, cfg_dict=enc_cfg.to_dict())
     built = build_parts(plan.todo, job, enc_cfg, lock, progress)
@@ -245,6 +241,6 @@ def _summary(plan: Plan, snap: Snapshot, built: BuildResult, t0: float, stages: 
         encoded_rows=built.built_rows, resumed_shards=built.resumed, removed_shards=len(plan.removed),
         dropped_rows=sum(r.dropped for r in fresh), total_rows=snap.total_rows, total_shards=len(snap.parts),
         index_bytes=snap.index_bytes, seconds=time.perf_counter() - t0, flipped=flipped, nothing_to_do=nothing,
-        migrated=plan.migrating_legacy, ids_checked=built.ids_checked,
+        ids_checked=built.ids_checked,
         driver_received_bytes=built.received_bytes, stage_seconds=dict(stages.seconds),
         skipped=list(skipped if skipped is not None else (snap.skipped if snap is not None else [])))
