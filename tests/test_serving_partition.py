@@ -10,7 +10,7 @@ from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.formats import PartEntry, SourceShard, open_current
 from sscq_dist.search import Searcher, merge_topk
 from sscq_dist.serving.partition import load_partition
-from sscq_dist.serving.planner import partition_bytes, plan_partitions
+from sscq_dist.serving.planner import partition_bytes, plan_moves, plan_partitions
 from test_search import codebooks, dataset, empty_index, read_parts_of, write_root
 
 KINDS = ["pq_fastscan", "ivf_pq_fastscan"]
@@ -78,21 +78,40 @@ def test_partitions_merged_equal_one_partition_even_with_ties(tmp_path, kind):
     assert any(len(set(whole.search(q[None], 10).distances[0].tolist())) < 10 for q in queries)
 
 
-def test_plan_balances_bytes_deterministically():
+def test_plan_is_stable_under_appends_and_partition_growth():
     def entry(name, size):
         return PartEntry(part=name, source=SourceShard(name, 1, "e"), rows=1, indexed=1, dropped=0, id_min=0,
                          id_max=0, index_file=f"parts/{name}.index", index_bytes=size, ids_file="x", ids_bytes=1)
 
-    sizes = [900, 100, 500, 500, 300, 300, 200, 200, 100, 100]
-    parts = [entry(f"p{i:02d}", s) for i, s in enumerate(sizes)]
-    plan = plan_partitions(parts, 3)
+    parts = [entry(f"part-{i:05d}-{i * 7919:016x}", 100 + i % 7) for i in range(3000)]
+    plan = plan_partitions(parts, 8)
     assert sorted(e.part for ps in plan for e in ps) == sorted(e.part for e in parts)  # each part exactly once
+    assert plan == plan_partitions(list(reversed(parts)), 8)  # input order does not matter
+    assert all(ps == sorted(ps, key=lambda e: e.part) for ps in plan)
+    where = {e.part: p for p, ps in enumerate(plan) for e in ps}
+    # Appending a part (or removing one) moves no other part.
+    grown = plan_partitions(parts + [entry("part-99999-ffffffffffffffff", 100)], 8)
+    assert {e.part: p for p, ps in enumerate(grown) for e in ps if e.part in where} == where
+    shrunk = plan_partitions(parts[1:], 8)
+    assert all(where[e.part] == p for p, ps in enumerate(shrunk) for e in ps)
+    # One more partition: only parts that go to the new one move, about 1/9 of them.
+    nine = {e.part: p for p, ps in enumerate(plan_partitions(parts, 9)) for e in ps}
+    moved = [n for n in where if nine[n] != where[n]]
+    assert all(nine[n] == 8 for n in moved)
+    assert abs(len(moved) / len(parts) - 1 / 9) < 0.02, len(moved)
     loads = partition_bytes(plan)
-    assert max(loads) - min(loads) <= max(sizes) and max(loads) <= 1100  # greedy: within one part of even
-    assert plan == plan_partitions(list(reversed(parts)), 3)  # input order does not matter
-    assert [len(ps) for ps in plan_partitions(parts[:2], 4)] == [1, 1, 0, 0]  # more partitions than parts
+    assert max(loads) / (sum(loads) / 8) < 1.1, loads  # statistically even at this size
     with pytest.raises(ValueError, match="num_partitions"):
         plan_partitions(parts, 0)
+
+
+def test_simulated_plan_at_100k_parts_meets_the_move_bounds():
+    names = [f"part-{i:06d}-{(i * 2654435761) % 2 ** 64:016x}" for i in range(100_001)]
+    append = plan_moves(names, 8, 8, appended=1)
+    assert append["moved"] == 0
+    grow = plan_moves(names[:100_000], 8, 9)
+    assert 0 < grow["moved_fraction"] <= 1 / 9 + 0.01, grow
+    assert grow["max_over_mean"] < 1.03, grow
 
 
 @pytest.mark.parametrize("kind", KINDS)
