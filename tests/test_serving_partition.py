@@ -1,13 +1,16 @@
 """Partitions: parts merged exactly into one index, byte-balanced plans, canonical answers that
 do not depend on how the parts are split, and per-row lookups that hold no uri strings."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from sscq_dist import storage
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.formats import PartEntry, SourceShard, open_current
+from sscq_dist.indexing.formats import (PartEntry, SourceShard, open_current, read_snapshot, write_current,
+                                        write_snapshot)
 from sscq_dist.search import Searcher, merge_topk
 from sscq_dist.serving.partition import load_partition
 from sscq_dist.serving.planner import partition_bytes, plan_moves, plan_partitions
@@ -184,3 +187,78 @@ def test_holder_loads_new_snapshot_beside_old_and_releases_it_after_grace(tmp_pa
         holder.load("5/00000009")
     with pytest.raises(NotReady, match="cannot load snapshot 5/00000009"):
         holder.get("5/00000009", asked.append)
+
+
+def generations(tmp_path, kind, n_parts, rows, second):
+    """A root whose generation 1 lists all parts but the last and generation 2 the parts
+    `second` picks (a slice of all n_parts); CURRENT names generation 1."""
+    c = codebooks()
+    x, ids, uris = dataset(c, rows)
+    root = write_root(str(tmp_path / "i"), kind, c, x, ids, uris, n_shards=n_parts, generation=9)
+    every = read_snapshot(root, "5/00000009")
+    write_snapshot(root, dataclasses.replace(every, generation=1, parts=every.parts[:-1]))
+    write_snapshot(root, dataclasses.replace(every, generation=2, parts=every.parts[second]))
+    write_current(root, "5/00000001")
+    return root, x
+
+
+@pytest.fixture
+def storage_reads(monkeypatch):
+    """Uris read from storage (storage.read_bytes, called through unchanged)."""
+    reads = []
+    real = storage.read_bytes
+
+    def counting(loc):
+        reads.append(loc.uri)
+        return real(loc)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    return reads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("second", [slice(None), slice(1, None)], ids=["append", "append-and-drop"])
+def test_a_new_generation_reads_only_the_parts_it_does_not_hold(tmp_path, kind, second, storage_reads):
+    root, x = generations(tmp_path, kind, 6, 3000, second)
+    old_snap, new_snap = read_snapshot(root, "5/00000001"), read_snapshot(root, "5/00000002")
+    old = load_partition(root, old_snap, old_snap.parts, nprobe=32)
+    rng = np.random.default_rng(3)
+    queries = x[rng.choice(3000, 20)] + rng.standard_normal((20, x.shape[1])).astype(np.float32) * 0.01
+    before = [old.search(q[None], 10) for q in queries]
+    storage_reads.clear()
+    new = load_partition(root, new_snap, new_snap.parts, nprobe=32, previous=old)
+    appended = new_snap.parts[-1]
+    assert sorted(storage_reads) == sorted(vloc.uri for vloc in (
+        storage.resolve(root.uri).join("models", "5", appended.index_file),
+        storage.resolve(root.uri).join("models", "5", appended.ids_file)))
+    assert (new.kept_parts, new.read_parts) == (len(new_snap.parts) - 1, 1)
+    # The same partition as a load from scratch: codes, ids, positions, lookups, answers.
+    fresh = load_partition(root, new_snap, new_snap.parts, nprobe=32)
+    got, want = fi.index_codes(new.index), fi.index_codes(fresh.index)
+    assert dict(zip(got[0].tolist(), map(bytes, got[1]))) == dict(zip(want[0].tolist(), map(bytes, want[1])))
+    np.testing.assert_array_equal(new.ids, fresh.ids)
+    assert [i.uri for i in new.row_info(np.arange(new.ntotal))] == \
+        [i.uri for i in fresh.row_info(np.arange(fresh.ntotal))]
+    for q in queries:
+        a, b = new.search(q[None], 10), fresh.search(q[None], 10)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+        np.testing.assert_array_equal(a.positions, b.positions)
+    # The old generation is untouched: it answers as before and holds none of the new part's rows.
+    for q, b in zip(queries, before):
+        a = old.search(q[None], 10)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    new_ids = fresh.ids[fresh.offsets[-2]:]
+    assert (old.positions_of(new_ids) == -1).all() and (new.positions_of(new_ids) >= 0).all()
+    assert old.ntotal == sum(e.indexed for e in old_snap.parts)
+
+
+def test_parts_of_another_model_version_are_read_again(tmp_path, storage_reads):
+    root, _ = generations(tmp_path, "pq_fastscan", 3, 900, slice(None))
+    old_snap, new_snap = read_snapshot(root, "5/00000001"), read_snapshot(root, "5/00000002")
+    old = load_partition(root, old_snap, old_snap.parts)
+    other = dataclasses.replace(new_snap, codebook_checksum="sha256:" + "1" * 64)
+    storage_reads.clear()
+    new = load_partition(root, other, other.parts, previous=old)
+    assert (new.kept_parts, new.read_parts) == (0, 3) and len(storage_reads) == 6
