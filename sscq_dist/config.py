@@ -241,6 +241,9 @@ class ServeConfig:
     port: int = 8000
     # Local folder for part files, id maps and the memory-mapped lookup files.
     cache_dir: str = ".cache/index"
+    # Bound of that folder in bytes: least recently used files go first, never those of a held
+    # snapshot (replicas of one machine share the folder; each keeps the bound).
+    cache_max_bytes: int = 10_000_000_000
     # (run time) Seconds between reads of CURRENT; a new snapshot serves within this plus its load time.
     watch_interval_s: float = 10.0
     # (run time) A replaced snapshot stays loaded this long after its last query (pinned requests finish).
@@ -409,6 +412,7 @@ def validate_serve(sv: ServeConfig) -> ServeConfig:
                  "health_check_timeout_s"):
         _check(getattr(sv, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(sv, name)}")
     _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
+    _check(sv.cache_max_bytes >= 0, "serve.cache_max_bytes", f"must be >= 0, got {sv.cache_max_bytes}")
     _check(sv.partition_retries >= 0, "serve.partition_retries", f"must be >= 0, got {sv.partition_retries}")
     _check(sv.nprobe is None or sv.nprobe >= 1, "serve.nprobe", f"must be >= 1 or null, got {sv.nprobe}")
     _check(1 <= sv.port <= 65535, "serve.port", f"must be a TCP port, got {sv.port}")
