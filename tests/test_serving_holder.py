@@ -23,17 +23,27 @@ def until(condition, timeout=30.0):
     return condition()
 
 
-def test_two_requests_for_one_snapshot_share_one_load(tmp_path):
-    root, _ = generations(tmp_path, "pq_fastscan", 3, 900, slice(None))
-    started, release = threading.Event(), threading.Event()
-    loads = []
+class GatedLoader:
+    """The real load_partition, whose first call signals `started` and waits for `release`
+    (then raises `first_error` when given); `calls` names every snapshot it was asked for."""
 
-    def gated(root, snap, parts, i, n, cache, nprobe, previous):
-        loads.append(snap.name)
-        started.set()
-        assert release.wait(30)
+    def __init__(self, first_error=None):
+        self.started, self.release, self.calls, self.first_error = threading.Event(), threading.Event(), [], first_error
+
+    def __call__(self, root, snap, parts, i, n, cache, nprobe, previous):
+        self.calls.append(snap.name)
+        if len(self.calls) == 1:
+            self.started.set()
+            assert self.release.wait(30)
+            if self.first_error is not None:
+                raise self.first_error
         return load_partition(root, snap, parts, i, n, cache, nprobe, previous=previous)
 
+
+def test_two_requests_for_one_snapshot_share_one_load(tmp_path):
+    root, _ = generations(tmp_path, "pq_fastscan", 3, 900, slice(None))
+    gated = GatedLoader()
+    started, release, loads = gated.started, gated.release, gated.calls
     holder = SnapshotHolder(root, 0, 1, None, None, retain_previous_s=60, loader=gated)
     got = {}
     first = threading.Thread(target=lambda: got.setdefault("first", holder.load("5/00000001")))
@@ -52,17 +62,8 @@ def test_two_requests_for_one_snapshot_share_one_load(tmp_path):
 
 def test_a_failed_load_fails_its_waiters_and_is_retried_later(tmp_path):
     root, _ = generations(tmp_path, "pq_fastscan", 3, 900, slice(None))
-    started, release = threading.Event(), threading.Event()
-    calls = []
-
-    def failing_once(root, snap, parts, i, n, cache, nprobe, previous):
-        calls.append(snap.name)
-        if len(calls) == 1:
-            started.set()
-            assert release.wait(30)
-            raise OSError("storage went away")
-        return load_partition(root, snap, parts, i, n, cache, nprobe, previous=previous)
-
+    failing_once = GatedLoader(OSError("storage went away"))
+    started, release, calls = failing_once.started, failing_once.release, failing_once.calls
     holder = SnapshotHolder(root, 0, 1, None, None, retain_previous_s=60, loader=failing_once)
     errors = []
 
