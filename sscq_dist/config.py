@@ -230,7 +230,7 @@ class ServeConfig:
     """The search service (sscq_dist/serving). Fields marked (run time) are the Serve
     user_config: `serve deploy` of a changed value reconfigures replicas without a restart."""
 
-    # Partitions of the snapshot (each one deployment), balanced by bytes; replicas of each give QPS.
+    # Partitions of the snapshot (each one deployment; parts by rendezvous hashing); replicas of each give QPS.
     partitions: int = 1
     replicas_per_partition: int = 1
     ingress_replicas: int = 1

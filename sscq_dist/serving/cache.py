@@ -49,7 +49,7 @@ class PruneResult:
 def prune_cache(cache_dir: str, max_bytes: int, in_use: set[str]) -> PruneResult:
     """Delete least recently used files under cache_dir until it holds <= max_bytes.
 
-    in_use: absolute or cache_dir-relative paths of files that held generations use; never deleted.
+    in_use: paths of files that held generations use (compared as absolute paths); never deleted.
     """
     keep = {os.path.abspath(p) for p in in_use}
     files = []  # (mtime, size, path) of every evictable file
