@@ -572,7 +572,9 @@ def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], numbe
         else:
             lp = load_part(vloc, snap, entry, cache_dir, store, folder)
             if template is None:
-                template = lp.index  # emptied and refilled below: same type, codebooks, quantizer, nprobe
+                # Emptied and refilled below: same type, codebooks, quantizer, nprobe. (A part format
+                # without its own index takes the template from the version's trained index instead.)
+                template = lp.index
             if flat is None:
                 flat = np.empty((total, lp.codes.shape[1] if lp.codes.ndim == 2 else 0), np.uint8)
             hi = lo + len(lp.ids)
