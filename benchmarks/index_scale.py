@@ -18,7 +18,11 @@ For each S, in one run on one machine:
   parts by the real part writer (codes from FAISS's encoder with the version's trained
   index), flat and IVF at nlist 1,024 and 16,384: (bytes at 2,000 - bytes at 20) / 1,980,
   counting part files, commit records and manifest entries; beside it, the trained index
-  every part of the previous design copied.
+  every part of the previous design copied;
+- serving (no reindex, `--serving-only` runs just these): the part -> partition plan simulated
+  on `--plan-parts` part names (parts moved by a one-part append, and from 8 to 9 partitions),
+  and serving partitions swapping to a one-part append of a `--swap-parts`-part index (part
+  files each reads from storage, seconds against loading from scratch).
 
 The previous design (commit `--baseline-commit`: one manifest.json rewritten after every
 shard, embeddings streamed to the driver) runs at S in `--baseline-shards` in a subprocess
@@ -27,6 +31,7 @@ driver loop received (the batches' array bytes) and manifest bytes written (ever
 
     python benchmarks/index_scale.py                     # S = 100, 1000, 5000; baseline at 100, 1000
     python benchmarks/index_scale.py --smoke             # seconds: S = 8, 24; baseline at 8
+    python benchmarks/index_scale.py --serving-only      # plan and swap rows only (no Ray)
 """
 
 from __future__ import annotations
@@ -62,13 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure a one-part append to an index of this many parts (metadata bytes written)")
     p.add_argument("--overhead-rows", type=int, default=100_000,
                    help="rows written as 20 and as 2,000 parts to measure the fixed bytes per part (0: skip)")
+    p.add_argument("--plan-parts", type=int, default=100_000, help="parts of the simulated partition plan")
+    p.add_argument("--plan-partitions", type=int, default=8)
+    p.add_argument("--swap-parts", type=int, default=2000, help="parts of the index a one-part append swaps")
+    p.add_argument("--swap-partitions", type=int, default=2)
+    p.add_argument("--serving-only", action="store_true", help="only the plan and swap rows")
     p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
         a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [], 10, 2, 1000
-        a.commit_parts, a.overhead_rows = 200, 4000
+        a.commit_parts, a.overhead_rows, a.swap_parts = 200, 4000, 60
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -321,7 +331,104 @@ def part_overhead(n_rows: int, root: str) -> list[dict]:
     return out
 
 
+def plan_stability(n_parts: int, partitions: int) -> dict:
+    """The part -> partition plan, simulated on n_parts part names: moves on a one-part append
+    and from `partitions` to `partitions + 1` partitions."""
+    from sscq_dist.indexing.formats import part_name
+    from sscq_dist.serving.planner import plan_moves
+
+    names = [part_name(f"s3://bucket/images/part-{i:06d}.parquet", f"{i:032x}") for i in range(n_parts + 1)]
+    t0 = time.perf_counter()
+    out = {"append": plan_moves(names, partitions, partitions, appended=1),
+           "grow": plan_moves(names[:n_parts], partitions, partitions + 1)}
+    out["seconds"] = time.perf_counter() - t0
+    # The previous planner (greedy bytes-balanced, largest part first) on the same names, with
+    # part sizes +-10 % around 130 kB: the fraction of existing parts a one-part append moved.
+    sizes = np.random.default_rng(0).integers(117_000, 143_000, size=n_parts + 1)
+    old, new = _greedy_plan(names[:n_parts], sizes[:n_parts], partitions), _greedy_plan(names, sizes, partitions)
+    out["greedy_append_moved_fraction"] = float(np.mean([old[n] != new[n] for n in old]))
+    return out
+
+
+def _greedy_plan(names: list, sizes: np.ndarray, partitions: int) -> dict:
+    """name -> partition of the previous planner (LPT: each part, biggest first, to the lightest partition)."""
+    import heapq
+
+    heap, where = [(0, p) for p in range(partitions)], {}
+    for i in sorted(range(len(names)), key=lambda i: (-int(sizes[i]), names[i])):
+        load, p = heapq.heappop(heap)
+        where[names[i]] = p
+        heapq.heappush(heap, (load + int(sizes[i]), p))
+    return where
+
+
+def swap_reads(n_parts: int, partitions: int, folder: str) -> dict:
+    """Serving partitions (SnapshotHolder, no cache folder) on an n_parts-part index swap to
+    the next generation, which appends one part: part files read from storage, and seconds,
+    against the first load."""
+    import pathlib
+
+    from sscq_dist import storage
+    from sscq_dist.indexing.formats import write_current
+    from sscq_dist.serving.holder import SnapshotHolder
+    from test_serving_partition import generations  # the tests' index writer (real part files)
+
+    root, _ = generations(pathlib.Path(folder), "pq_fastscan", n_parts + 1, 10 * (n_parts + 1), slice(None))
+    holders = [SnapshotHolder(root, i, partitions, None, None, retain_previous_s=3600) for i in range(partitions)]
+    reads: list[tuple[str, int]] = []
+    real = storage.read_bytes
+
+    def counting(loc):
+        data = real(loc)
+        reads.append((loc.uri, len(data)))
+        return data
+
+    storage.read_bytes = counting
+    try:
+        t0 = time.perf_counter()
+        for h in holders:
+            h.load_current()
+        first_s, first_reads = time.perf_counter() - t0, len(reads)
+        write_current(root, "5/00000002")
+        reads.clear()
+        t0 = time.perf_counter()
+        for h in holders:
+            h.load_current()
+        swap_s = time.perf_counter() - t0
+    finally:
+        storage.read_bytes = real
+    new = [h.get("5/00000002", lambda n: None) for h in holders]
+    part_reads = [(u, n) for u, n in reads if "/parts/" in u]
+    return {"parts": n_parts, "partitions": partitions, "first_load_s": first_s, "first_load_reads": first_reads,
+            "swap_s": swap_s, "swap_part_files_read": len(part_reads),
+            "swap_part_bytes_read": sum(n for _, n in part_reads), "swap_other_reads": len(reads) - len(part_reads),
+            "read_parts": [p.read_parts for p in new], "kept_parts": [p.kept_parts for p in new]}
+
+
+def serving_markdown(res: dict) -> list[str]:
+    lines = []
+    if res.get("plan"):
+        ap, gr = res["plan"]["append"], res["plan"]["grow"]
+        lines += ["", f"Part -> partition plan (rendezvous hashing, simulated on {gr['parts']:,} parts, "
+                      f"{res['plan']['seconds']:.1f} s): a one-part append moves {ap['moved']} existing parts; "
+                      f"{gr['before']} -> {gr['after']} partitions moves {gr['moved']:,} "
+                      f"({100 * gr['moved_fraction']:.2f} %, bound 1/{gr['after']} + 1 % = "
+                      f"{100 * (1 / gr['after'] + 0.01):.2f} %); largest partition {gr['max_over_mean']:.3f}x the mean. "
+                      f"The previous greedy bytes-balanced plan moved "
+                      f"{100 * res['plan']['greedy_append_moved_fraction']:.1f} % of the parts on the same append."]
+    if res.get("swap"):
+        sw = res["swap"]
+        lines += ["", f"Swap to a one-part append of a {sw['parts']:,}-part index ({sw['partitions']} partitions): "
+                      f"part files read {sw['swap_part_files_read']} ({sw['swap_part_bytes_read']:,} bytes; "
+                      f"parts read per partition {sw['read_parts']}, kept from memory {sw['kept_parts']}), "
+                      f"{sw['swap_s']:.2f} s, against {sw['first_load_reads']} reads and {sw['first_load_s']:.2f} s "
+                      "for the first load."]
+    return lines
+
+
 def markdown(res: dict) -> str:
+    if not res["new"] and not res["baseline"]:  # --serving-only
+        return "\n".join(serving_markdown(res)[1:])
     rows = res["rows_per_shard"]
     lines = [f"Reindex scale ({rows} rows per shard, 8x8 images, random int64 ids, {res['cores']} cores, "
              f"{res['actors']} part builders):", "",
@@ -363,6 +470,7 @@ def markdown(res: dict) -> str:
                   "version; the previous design copied it into every part) |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {o['kind']} | {o['bytes_20']:,} | {o['bytes_2000']:,} | {o['fixed_bytes_per_part']:,.0f} | "
                   f"{o['trained_index_bytes']:,} |" for o in po]
+    lines += serving_markdown(res)
     lines += ["", "Stages of each full build (s): " + "; ".join(
         f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
                                           if k != "build_first_part") for r in res["new"])]
@@ -389,7 +497,13 @@ def main(argv=None) -> int:
            # What the previous design shipped to the driver per image: the float32 embedding.
            "embedding_bytes_per_image": 4 * cfg.model.num_codebooks * cfg.model.codeword_dim,
            "new": [], "baseline": []}
-    for S in sorted(set(a.shards) | set(a.baseline_shards)):
+    res["plan"] = plan_stability(a.plan_parts, a.plan_partitions)
+    if a.swap_parts:
+        res["swap"] = swap_reads(a.swap_parts, a.swap_partitions, os.path.join(a.out, "swap"))
+    res["plan"] = plan_stability(a.plan_parts, a.plan_partitions)
+    if a.swap_parts:
+        res["swap"] = swap_reads(a.swap_parts, a.swap_partitions, os.path.join(a.out, "swap"))
+    for S in ([] if a.serving_only else sorted(set(a.shards) | set(a.baseline_shards))):
         images = os.path.join(a.out, f"images-{S}")
         write_shards(images, 0, S, a.rows, rng)
         if S in a.baseline_shards:
@@ -415,12 +529,12 @@ def main(argv=None) -> int:
             ap = run_new(images, root, model, cfg)
             res["append"] = {"base_shards": S, **ap, "metadata_written": written_since(before, root)["bytes"]}
             print(json.dumps(res["append"]), flush=True)
-    if a.snapshot_parts:
+    if a.snapshot_parts and not a.serving_only:
         res["snapshot"] = snapshot_cost(a.snapshot_parts, os.path.join(a.out, "snapshot-only"))
-    if a.commit_parts:
+    if a.commit_parts and not a.serving_only:
         res["commit"] = commit_cost(a.commit_parts, os.path.join(a.out, "commit-only"), cfg.index.manifest_max_parts)
         print(json.dumps(res["commit"]), flush=True)
-    if a.overhead_rows:
+    if a.overhead_rows and not a.serving_only:
         res["part_overhead"] = part_overhead(a.overhead_rows, os.path.join(a.out, "part-overhead"))
     res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["wall_s"] = time.perf_counter() - t_start

@@ -242,7 +242,7 @@ class ServeConfig:
     """The search service (sscq_dist/serving). Fields marked (run time) are the Serve
     user_config: `serve deploy` of a changed value reconfigures replicas without a restart."""
 
-    # Partitions of the snapshot (each one deployment), balanced by bytes; replicas of each give QPS.
+    # Partitions of the snapshot (each one deployment; parts by rendezvous hashing); replicas of each give QPS.
     partitions: int = 1
     replicas_per_partition: int = 1
     ingress_replicas: int = 1
@@ -253,6 +253,9 @@ class ServeConfig:
     port: int = 8000
     # Local folder for part files and the memory-mapped row-metadata (lookup) files.
     cache_dir: str = ".cache/index"
+    # Bound of that folder in bytes: least recently used files go first, never those of a held
+    # snapshot (replicas of one machine share the folder; each keeps the bound).
+    cache_max_bytes: int = 10_000_000_000
     # (run time) Seconds between reads of CURRENT; a new snapshot serves within this plus its load time.
     watch_interval_s: float = 10.0
     # (run time) A replaced snapshot stays loaded this long after its last query (pinned requests finish).
@@ -434,6 +437,7 @@ def validate_serve(sv: ServeConfig) -> ServeConfig:
     _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
     _check(sv.thumb_max_chunk_bytes >= 1, "serve.thumb_max_chunk_bytes", f"must be >= 1, got {sv.thumb_max_chunk_bytes}")
     _check(sv.thumb_cache_mb >= 0, "serve.thumb_cache_mb", f"must be >= 0, got {sv.thumb_cache_mb}")
+    _check(sv.cache_max_bytes >= 0, "serve.cache_max_bytes", f"must be >= 0, got {sv.cache_max_bytes}")
     _check(sv.partition_retries >= 0, "serve.partition_retries", f"must be >= 0, got {sv.partition_retries}")
     _check(sv.nprobe is None or sv.nprobe >= 1, "serve.nprobe", f"must be >= 1 or null, got {sv.nprobe}")
     _check(1 <= sv.port <= 65535, "serve.port", f"must be a TCP port, got {sv.port}")

@@ -156,6 +156,20 @@ def test_serve_bench_smoke(tmp_path, ray_local):
     assert mem["codes_plus_ids_per_row"] == 12 and mem["accounted_per_row"] == pytest.approx(16, abs=0.5)
 
 
+def test_index_scale_serving_rows_plan_moves_and_swap_reads(tmp_path):
+    out = tmp_path / "serving"
+    stdout = run_script("index_scale.py", ["--serving-only", "--smoke", "--out", out], tmp_path)
+    assert "a one-part append moves 0 existing parts" in stdout
+    res = json.loads((out / "index_scale.json").read_text())
+    assert res["plan"]["append"]["moved"] == 0 and res["plan"]["append"]["parts"] == 100_001
+    assert 0 < res["plan"]["grow"]["moved_fraction"] <= 1 / 9 + 0.01
+    sw = res["swap"]
+    # The partition that gets the appended part reads its two files; every other part stays in memory.
+    assert sw["swap_part_files_read"] == 2 and sorted(sw["read_parts"]) == [0, 1]
+    assert sum(sw["kept_parts"]) == sw["parts"] and sw["first_load_reads"] >= 2 * sw["parts"]
+    assert res["new"] == [] and "snapshot" not in res
+
+
 def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path, ray_local):
     out = tmp_path / "scale"
     stdout = run_script("index_scale.py", ["--smoke", "--out", out], tmp_path, ray=ray_local)

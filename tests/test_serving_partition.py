@@ -1,16 +1,19 @@
 """Partitions: parts merged exactly into one index, byte-balanced plans, canonical answers that
 do not depend on how the parts are split, and per-row lookups that hold no uri strings."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from sscq_dist import storage
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.formats import PartEntry, SourceShard, open_current
+from sscq_dist.indexing.formats import (PartEntry, SourceShard, open_current, read_snapshot, write_current,
+                                        write_snapshot)
 from sscq_dist.search import Searcher, merge_topk
 from sscq_dist.serving.partition import load_partition
-from sscq_dist.serving.planner import partition_bytes, plan_partitions
+from sscq_dist.serving.planner import partition_bytes, plan_moves, plan_partitions
 from test_search import codebooks, dataset, empty_index, read_parts_of, write_root
 
 KINDS = ["pq_fastscan", "ivf_pq_fastscan"]
@@ -77,21 +80,40 @@ def test_partitions_merged_equal_one_partition_even_with_ties(tmp_path, kind):
     assert any(len(set(whole.search(q[None], 10).distances[0].tolist())) < 10 for q in queries)
 
 
-def test_plan_balances_bytes_deterministically():
+def test_plan_is_stable_under_appends_and_partition_growth():
     def entry(name, size):
         return PartEntry(part=name, source=SourceShard(name, 1, "e"), rows=1, indexed=1, dropped=0, id_min=0,
                          id_max=0, index_file=f"parts/{name}.parquet", index_bytes=size)
 
-    sizes = [900, 100, 500, 500, 300, 300, 200, 200, 100, 100]
-    parts = [entry(f"p{i:02d}", s) for i, s in enumerate(sizes)]
-    plan = plan_partitions(parts, 3)
+    parts = [entry(f"part-{i:05d}-{i * 7919:016x}", 100 + i % 7) for i in range(3000)]
+    plan = plan_partitions(parts, 8)
     assert sorted(e.part for ps in plan for e in ps) == sorted(e.part for e in parts)  # each part exactly once
+    assert plan == plan_partitions(list(reversed(parts)), 8)  # input order does not matter
+    assert all(ps == sorted(ps, key=lambda e: e.part) for ps in plan)
+    where = {e.part: p for p, ps in enumerate(plan) for e in ps}
+    # Appending a part (or removing one) moves no other part.
+    grown = plan_partitions(parts + [entry("part-99999-ffffffffffffffff", 100)], 8)
+    assert {e.part: p for p, ps in enumerate(grown) for e in ps if e.part in where} == where
+    shrunk = plan_partitions(parts[1:], 8)
+    assert all(where[e.part] == p for p, ps in enumerate(shrunk) for e in ps)
+    # One more partition: only parts that go to the new one move, about 1/9 of them.
+    nine = {e.part: p for p, ps in enumerate(plan_partitions(parts, 9)) for e in ps}
+    moved = [n for n in where if nine[n] != where[n]]
+    assert all(nine[n] == 8 for n in moved)
+    assert abs(len(moved) / len(parts) - 1 / 9) < 0.02, len(moved)
     loads = partition_bytes(plan)
-    assert max(loads) - min(loads) <= max(sizes) and max(loads) <= 1100  # greedy: within one part of even
-    assert plan == plan_partitions(list(reversed(parts)), 3)  # input order does not matter
-    assert [len(ps) for ps in plan_partitions(parts[:2], 4)] == [1, 1, 0, 0]  # more partitions than parts
+    assert max(loads) / (sum(loads) / 8) < 1.1, loads  # statistically even at this size
     with pytest.raises(ValueError, match="num_partitions"):
         plan_partitions(parts, 0)
+
+
+def test_simulated_plan_at_100k_parts_meets_the_move_bounds():
+    names = [f"part-{i:06d}-{(i * 2654435761) % 2 ** 64:016x}" for i in range(100_001)]
+    append = plan_moves(names, 8, 8, appended=1)
+    assert append["moved"] == 0
+    grow = plan_moves(names[:100_000], 8, 9)
+    assert 0 < grow["moved_fraction"] <= 1 / 9 + 0.01, grow
+    assert grow["max_over_mean"] < 1.03, grow
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,3 +187,78 @@ def test_holder_loads_new_snapshot_beside_old_and_releases_it_after_grace(tmp_pa
         holder.load("5/00000009")
     with pytest.raises(NotReady, match="cannot load snapshot 5/00000009"):
         holder.get("5/00000009", asked.append)
+
+
+def generations(tmp_path, kind, n_parts, rows, second):
+    """A root whose generation 1 lists all parts but the last and generation 2 the parts
+    `second` picks (a slice of all n_parts); CURRENT names generation 1."""
+    c = codebooks()
+    x, ids, uris = dataset(c, rows)
+    root = write_root(str(tmp_path / "i"), kind, c, x, ids, uris, n_shards=n_parts, generation=9)
+    every = read_snapshot(root, "5/00000009")
+    write_snapshot(root, dataclasses.replace(every, generation=1, parts=every.parts[:-1]))
+    write_snapshot(root, dataclasses.replace(every, generation=2, parts=every.parts[second]))
+    write_current(root, "5/00000001")
+    return root, x
+
+
+@pytest.fixture
+def storage_reads(monkeypatch):
+    """Uris read from storage (storage.read_bytes, called through unchanged)."""
+    reads = []
+    real = storage.read_bytes
+
+    def counting(loc):
+        reads.append(loc.uri)
+        return real(loc)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    return reads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("second", [slice(None), slice(1, None)], ids=["append", "append-and-drop"])
+def test_a_new_generation_reads_only_the_parts_it_does_not_hold(tmp_path, kind, second, storage_reads):
+    root, x = generations(tmp_path, kind, 6, 3000, second)
+    old_snap, new_snap = read_snapshot(root, "5/00000001"), read_snapshot(root, "5/00000002")
+    old = load_partition(root, old_snap, old_snap.parts, nprobe=32)
+    rng = np.random.default_rng(3)
+    queries = x[rng.choice(3000, 20)] + rng.standard_normal((20, x.shape[1])).astype(np.float32) * 0.01
+    before = [old.search(q[None], 10) for q in queries]
+    storage_reads.clear()
+    new = load_partition(root, new_snap, new_snap.parts, nprobe=32, previous=old)
+    appended = new_snap.parts[-1]
+    # Only the appended part's one file: not the held parts, not trained.index (the held
+    # partition's emptied index is the template).
+    assert storage_reads == [storage.resolve(root.uri).join("models", "5", appended.index_file).uri]
+    assert (new.kept_parts, new.read_parts) == (len(new_snap.parts) - 1, 1)
+    # The same partition as a load from scratch: codes, ids, positions, lookups, answers.
+    fresh = load_partition(root, new_snap, new_snap.parts, nprobe=32)
+    got, want = fi.index_codes(new.index), fi.index_codes(fresh.index)
+    assert dict(zip(got[0].tolist(), map(bytes, got[1]))) == dict(zip(want[0].tolist(), map(bytes, want[1])))
+    np.testing.assert_array_equal(new.ids, fresh.ids)
+    assert [i.uri for i in new.row_info(np.arange(new.ntotal))] == \
+        [i.uri for i in fresh.row_info(np.arange(fresh.ntotal))]
+    for q in queries:
+        a, b = new.search(q[None], 10), fresh.search(q[None], 10)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+        np.testing.assert_array_equal(a.positions, b.positions)
+    # The old generation is untouched: it answers as before and holds none of the new part's rows.
+    for q, b in zip(queries, before):
+        a = old.search(q[None], 10)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    new_ids = fresh.ids[fresh.offsets[-2]:]
+    assert (old.positions_of(new_ids) == -1).all() and (new.positions_of(new_ids) >= 0).all()
+    assert old.ntotal == sum(e.indexed for e in old_snap.parts)
+
+
+def test_parts_of_another_model_version_are_read_again(tmp_path, storage_reads):
+    root, _ = generations(tmp_path, "pq_fastscan", 3, 900, slice(None))
+    old_snap, new_snap = read_snapshot(root, "5/00000001"), read_snapshot(root, "5/00000002")
+    old = load_partition(root, old_snap, old_snap.parts)
+    other = dataclasses.replace(new_snap, codebook_checksum="sha256:" + "1" * 64)
+    storage_reads.clear()
+    new = load_partition(root, other, other.parts, previous=old)
+    assert (new.kept_parts, new.read_parts) == (0, 3) and len(storage_reads) == 1 + 3  # trained.index + parts

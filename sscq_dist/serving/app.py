@@ -106,7 +106,8 @@ class PartitionServer:
         self.sv = cfg.serve
         faiss.omp_set_num_threads(self.sv.search_threads)
         self.holder = SnapshotHolder(storage.resolve(index_root, cfg.storage), number, of, self.sv.cache_dir,
-                                     self.sv.nprobe, self.sv.retain_previous_s)
+                                     self.sv.nprobe, self.sv.retain_previous_s,
+                                     cache_max_bytes=self.sv.cache_max_bytes)
         await asyncio.to_thread(self.holder.load_current)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 

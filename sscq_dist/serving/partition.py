@@ -22,6 +22,10 @@ thumbnail reference) is not held in the heap: each part's becomes a local Arrow 
 that is memory-mapped, read only for the rows a query returns. Results never read the
 source bucket.
 
+Incremental swaps: a new generation's partition takes the parts it shares with the
+generation the replica serves from that partition's memory (codes, ids, the mapped lookups)
+and starts from its emptied index, so a swap reads only the parts it does not hold.
+
 Results are canonical: the k smallest (distance, id) pairs, ties broken by id, whatever the
 partitioning. FAISS breaks ties arbitrarily, so a search whose k-th distance is tied with
 the last fetched one fetches more until the tie is resolved; with that, P partitions merged
@@ -42,12 +46,14 @@ from typing import Optional
 import faiss
 import numpy as np
 import pyarrow as pa
+from faiss.contrib.inspect_tools import get_invlist
 
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.formats import PART_META_SCHEMA, PartEntry, PartRows, Snapshot, parse_part, version_loc
 from sscq_dist.indexing.trained import read_trained_index
+from sscq_dist.serving.cache import TEMP_PREFIX, cache_path, touch
 from sscq_dist.storage import Location
 
 log = logging.getLogger(__name__)
@@ -64,16 +70,16 @@ def cached_bytes(remote: Location, cache_dir: Optional[str], version: str, name:
                  size: int) -> tuple[Optional[str], Optional[bytes]]:
     """Return (local path, None) when cached (or now cached), or (None, bytes) without a cache.
 
-    The cache key is version/size-name: a new version or a rewritten file of another
-    size never hits an old entry. A cached file of the wrong size is fetched again.
+    The cache key is version/size-name (cache.cache_path); a hit refreshes its place in the
+    cache's LRU order. A cached file of the wrong size is fetched again.
     """
     if cache_dir is None:
         data = storage.read_bytes(remote)
         _check_size(remote, data, size)
         return None, data
-    local_dir = os.path.join(cache_dir, version)
-    local = os.path.join(local_dir, f"{size}-{name.replace('/', '_')}")
+    local = cache_path(cache_dir, version, name, size)
     if os.path.isfile(local) and os.path.getsize(local) == size:
+        touch(local)
         return local, None
     data = storage.read_bytes(remote)
     _check_size(remote, data, size)
@@ -84,7 +90,7 @@ def cached_bytes(remote: Location, cache_dir: Optional[str], version: str, name:
 def _atomic_local_write(path: str, data: bytes) -> None:
     # Write next to the target and rename: a killed download never leaves a cache hit.
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=TEMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -99,23 +105,6 @@ def _check_size(remote: Location, data: bytes, size: int) -> None:
     if len(data) != size:
         raise IndexError_(f"{remote.uri} is {len(data)} bytes but the snapshot says {size}; "
                           "the index is inconsistent (a part rewritten after its snapshot?)")
-
-
-def load_part(root: Location, snap: Snapshot, entry: PartEntry, cache_dir: Optional[str] = None) -> PartRows:
-    """One part's rows: ids, packed codes ([lists] for IVF) and row metadata, in file order.
-
-    Reads the part file named by the snapshot entry (through the local cache when given),
-    checks its size and row count against the entry. The seam incremental loads build on.
-    """
-    remote = version_loc(root, snap.model_version).join(entry.index_file)
-    path, data = cached_bytes(remote, cache_dir, snap.model_version, entry.index_file, entry.index_bytes)
-    if path is not None:
-        with open(path, "rb") as f:
-            data = f.read()
-    rows = parse_part(data, remote.uri, ivf=snap.index_type == "ivf_pq_fastscan")
-    if len(rows.ids) != entry.indexed:
-        raise IndexError_(f"part file {remote.uri} has {len(rows.ids)} rows, snapshot says {entry.indexed}")
-    return rows
 
 
 def _pack_blocks(packer, flat: np.ndarray) -> np.ndarray:
@@ -171,24 +160,44 @@ def _merge_ivf(template: faiss.IndexIVFPQFastScan, ids: np.ndarray, flat: np.nda
 
 @dataclass
 class PartLookup:
-    """One part's row metadata (label, uri, row group, row), memory-mapped from a local Arrow IPC file."""
+    """One part's row metadata (label, uri, row group, row), memory-mapped from a local Arrow IPC file.
+
+    A new generation that keeps the part shares this object (the mapping, never re-read).
+    files: the local cache files the part uses (the cache bound keeps them while it is held);
+    keep: the temporary folder holding the mapped file when there is no cache folder (removed
+    when the last partition sharing it goes).
+    """
 
     entry: PartEntry
     table: pa.Table  # _LOOKUP_SCHEMA
+    files: tuple[str, ...] = ()
+    keep: Optional[object] = None
 
 
-def _lookup_file(meta: pa.Table, store_dir: str, version: str, entry: PartEntry) -> pa.Table:
+class _LookupFolder:
+    """A temporary folder for lookup files, removed when no PartLookup refers to it any more."""
+
+    def __init__(self):
+        self.path = tempfile.mkdtemp(prefix="sscq-lookups-")
+        weakref.finalize(self, shutil.rmtree, self.path, True)
+
+
+def _lookup_file(meta: pa.Table, store_dir: str, version: str, entry: PartEntry) -> tuple[pa.Table, str]:
+    """(mapped lookup table, local path) of one part's row metadata."""
     path = os.path.join(store_dir, version, f"{entry.index_bytes}-{entry.part}{LOOKUP_SUFFIX}")
-    if not os.path.isfile(path):
+    try:
+        mapped = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero copy: pages load on use
+        touch(path)
+    except FileNotFoundError:
         lookup = pa.table([meta.column(f.name).cast(f.type) for f in _LOOKUP_SCHEMA], schema=_LOOKUP_SCHEMA)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, _LOOKUP_SCHEMA) as writer:
             writer.write_table(lookup)
         _atomic_local_write(path, sink.getvalue().to_pybytes())
-    mapped = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero copy: pages load on use
+        mapped = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
     if mapped.num_rows != meta.num_rows:
         raise IndexError_(f"{path} has {mapped.num_rows} rows, the part {meta.num_rows}; delete it")
-    return mapped
+    return mapped, path
 
 
 def _find_sorted(values: np.ndarray, order: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -258,6 +267,9 @@ class Partition:
     offsets: np.ndarray  # (parts + 1,) first position of each part
     lookups: list[PartLookup]
     load_seconds: float = 0.0
+    empty: Optional[bytes] = None  # this partition's index emptied (FAISS bytes): a next generation's template
+    kept_parts: int = 0  # parts taken from the generation held before (not read again)
+    read_parts: int = 0  # parts read from storage or the cache folder
 
     @property
     def name(self) -> str:
@@ -341,6 +353,10 @@ class Partition:
                                lk.entry.source.etag, t.column("row_group")[r].as_py(), t.column("row")[r].as_py()))
         return out
 
+    def cache_files(self) -> set[str]:
+        """The local cache files this partition's parts use (pinned by the cache bound)."""
+        return {f for lk in self.lookups for f in lk.files}
+
     def resident_bytes(self) -> dict:
         """Bytes this partition holds in memory per structure (the mapped lookups excluded)."""
         codes, labels = 0, 0
@@ -366,54 +382,179 @@ def _release_unused_memory() -> None:
         pass
 
 
+# --------------------------------------------------------------------------- one part, loaded or kept
+
+
+@dataclass
+class LoadedPart:
+    """One part's rows as a partition merges them, in its file's row order.
+
+    ids (n,) int64; codes (n, code_size) uint8 packed flat codes; lists (n,) int64 inverted
+    list of each row (IVF; None for exhaustive parts); lookup: its per-row metadata.
+    """
+
+    ids: np.ndarray
+    codes: np.ndarray
+    lists: Optional[np.ndarray]
+    lookup: PartLookup
+
+
+def load_part(vloc: Location, snap: Snapshot, entry: PartEntry, cache_dir: Optional[str],
+              store: str, keep: Optional[object] = None) -> LoadedPart:
+    """Read one part from storage (or the cache folder): the ONE per-part loader a partition
+    calls, so a change of part format changes this function only.
+
+    Checks the file's size and row count against the snapshot entry. store: folder for its
+    lookup file; keep: the object owning that folder (PartLookup.keep).
+    """
+    remote = vloc.join(entry.index_file)
+    path, data = cached_bytes(remote, cache_dir, snap.model_version, entry.index_file, entry.index_bytes)
+    if path is not None:
+        with open(path, "rb") as f:
+            data = f.read()
+    rows: PartRows = parse_part(data, remote.uri, ivf=snap.index_type == "ivf_pq_fastscan")
+    del data
+    if len(rows.ids) != entry.indexed:
+        raise IndexError_(f"part file {remote.uri} has {len(rows.ids)} rows, snapshot says {entry.indexed}")
+    mapped, lookup_path = _lookup_file(rows.meta, store, snap.model_version, entry)
+    files = (lookup_path,)
+    if cache_dir is not None:
+        files += (cache_path(cache_dir, snap.model_version, entry.index_file, entry.index_bytes),)
+    return LoadedPart(rows.ids, rows.codes, rows.lists, PartLookup(entry, mapped, files, keep))
+
+
+def _shares_codes(a: Snapshot, b: Snapshot) -> bool:
+    """Whether parts of snapshot a can serve in b as they are: the same model, codebooks and quantizer."""
+    return (a.model_version, a.codebook_checksum, a.index_type, a.coarse_checksum, a.M, a.K, a.bits) == \
+        (b.model_version, b.codebook_checksum, b.index_type, b.coarse_checksum, b.M, b.K, b.bits)
+
+
+def _kept_parts(previous: Optional["Partition"], snap: Snapshot, parts: list[PartEntry]) -> dict[int, int]:
+    """{part number in `parts`: its number in `previous`} for the parts listed in both with
+    the very same entry (files, sizes, rows), which can serve in `snap` as they are held."""
+    if previous is None or previous.index is None or previous.empty is None \
+            or not _shares_codes(previous.snapshot, snap):
+        return {}
+    held = {e.part: j for j, e in enumerate(previous.parts)}
+    return {j: held[e.part] for j, e in enumerate(parts) if e.part in held and previous.parts[held[e.part]] == e}
+
+
+def _code_size(index: faiss.Index) -> int:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return int(inner.get_CodePacker().code_size)
+
+
+def _exhaustive_rows(index: faiss.IndexIDMap, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a merged exhaustive index as (hi - lo, code_size) flat codes (only
+    the blocks that hold them are unpacked)."""
+    base = faiss.downcast_index(index.index)
+    packer = base.get_CodePacker()
+    b0, b1 = lo // packer.nvec, (hi + packer.nvec - 1) // packer.nvec
+    blocks = faiss.rev_swig_ptr(base.codes.data(), base.codes.size())[b0 * packer.block_size:b1 * packer.block_size]
+    flat = fi._unpack_blocks(packer, blocks, (b1 - b0) * packer.nvec)
+    return flat[lo - b0 * packer.nvec:hi - b0 * packer.nvec]
+
+
+def _copy_kept_ivf_rows(previous: "Partition", moves: list[tuple[int, int]], offsets: np.ndarray,
+                        flat: np.ndarray, lists: np.ndarray) -> None:
+    """Scatter the codes and lists of the kept parts from `previous`'s IVF lists into their
+    new positions (one pass over the lists; 8 bytes a previous row besides)."""
+    remap = np.full(previous.ntotal, -1, np.int64)  # previous position -> new position (-1: not kept)
+    for j_new, j_old in moves:
+        lo, hi = int(previous.offsets[j_old]), int(previous.offsets[j_old + 1])
+        remap[lo:hi] = np.arange(offsets[j_new], offsets[j_new] + hi - lo)
+    index = previous.index
+    packer = index.get_CodePacker()
+    for list_no in range(index.nlist):
+        list_ids, blocks = get_invlist(index.invlists, list_no)
+        if len(list_ids) == 0:
+            continue
+        new_pos = remap[previous.positions_of(list_ids)]
+        sel = new_pos >= 0
+        if sel.any():
+            flat[new_pos[sel]] = fi._unpack_blocks(packer, blocks, len(list_ids))[sel]
+            lists[new_pos[sel]] = list_no
+
+
+# --------------------------------------------------------------------------- merge
+
+
 def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], number: int = 0, of: int = 1,
                    cache_dir: Optional[str] = None, nprobe: Optional[int] = None,
-                   progress_every_s: float = 10.0) -> Partition:
+                   progress_every_s: float = 10.0, previous: Optional["Partition"] = None) -> Partition:
     """Read `parts` of `snap` and merge their codes into one copy of the version's trained index.
 
-    cache_dir: local folder keeping part files and the lookup files between loads
-    (without it the lookups go to a temporary folder removed with the partition).
+    cache_dir: local folder keeping part files and the lookup files between loads (without it
+    the lookups go to a temporary folder removed with the last partition using it).
+    previous: a partition this replica holds (the generation it serves): the parts both list
+    unchanged are taken from its memory (codes, ids, the mapped lookups), not read again, and
+    its emptied index is the template, so a swap reads only the parts it does not hold.
+    `previous` is only read: it keeps serving.
     """
     t0 = time.perf_counter()
     vloc = version_loc(root, snap.model_version)
-    store = cache_dir or tempfile.mkdtemp(prefix="sscq-lookups-")
+    folder = None if cache_dir else _LookupFolder()
+    store = cache_dir or folder.path
+    kept = _kept_parts(previous, snap, parts)
     # One trained empty index per load (codebooks + quantizer): the parts carry codes only.
-    template = read_trained_index(vloc, snap.coarse_checksum, snap.index_type) if parts else None
+    template: Optional[faiss.Index] = None
+    if kept:
+        template = fi.deserialize(previous.empty)
+    elif parts:
+        template = read_trained_index(vloc, snap.coarse_checksum, snap.index_type)
     total = sum(int(p.indexed) for p in parts)
     ids = np.empty(total, np.int64)
     flat: Optional[np.ndarray] = None
     lists = np.empty(total, np.int64) if snap.index_type == "ivf_pq_fastscan" else None
     offsets = np.zeros(len(parts) + 1, np.int64)
     lookups: list[PartLookup] = []
+    moves: list[tuple[int, int]] = []  # (new part number, previous part number) of kept parts
+    flat = np.empty((total, _code_size(template)), np.uint8) if template is not None else None
     last_log = time.perf_counter()
     for j, entry in enumerate(parts):
-        rows = load_part(root, snap, entry, cache_dir)
-        if flat is None:
-            flat = np.empty((total, rows.codes.shape[1]), np.uint8)
-        elif rows.codes.shape[1] != flat.shape[1]:
-            raise IndexError_(f"part {entry.part} has {rows.codes.shape[1]}-byte codes, the others {flat.shape[1]}")
-        lo, hi = offsets[j], offsets[j] + len(rows.ids)
+        lo = offsets[j]
+        j_old = kept.get(j)
+        if j_old is not None:  # the very same part is held: take it from memory
+            hi = lo + int(entry.indexed)
+            o_lo, o_hi = int(previous.offsets[j_old]), int(previous.offsets[j_old + 1])
+            ids[lo:hi] = previous.ids[o_lo:o_hi]
+            if lists is None:
+                flat[lo:hi] = _exhaustive_rows(previous.index, o_lo, o_hi)
+            moves.append((j, j_old))
+            lookups.append(previous.lookups[j_old])
+        else:
+            lp = load_part(vloc, snap, entry, cache_dir, store, folder)
+            if lp.codes.shape[1] != flat.shape[1]:
+                raise IndexError_(f"part {entry.part} has {lp.codes.shape[1]}-byte codes, the trained index "
+                                  f"{flat.shape[1]}")
+            hi = lo + len(lp.ids)
+            ids[lo:hi], flat[lo:hi] = lp.ids, lp.codes
+            if lists is not None:
+                lists[lo:hi] = lp.lists
+            lookups.append(lp.lookup)
+            del lp
         offsets[j + 1] = hi
-        ids[lo:hi], flat[lo:hi] = rows.ids, rows.codes
-        if lists is not None:
-            lists[lo:hi] = rows.lists
-        lookups.append(PartLookup(entry, _lookup_file(rows.meta, store, snap.model_version, entry)))
-        del rows
         if time.perf_counter() - last_log >= progress_every_s:
             last_log = time.perf_counter()
             log.info("partition %d/%d of %s: %d/%d parts, %d/%d rows", number + 1, of, snap.name, j + 1,
                      len(parts), hi, total)
+    if moves and lists is not None:
+        _copy_kept_ivf_rows(previous, moves, offsets, flat, lists)
+    empty = None
     if template is None:
         merged, ids_view = None, ids
-    elif lists is None:
-        merged = _merge_exhaustive(template, ids, flat)
-        # FAISS's id map holds the ids by position: view it instead of keeping a second copy.
-        ids_view = faiss.rev_swig_ptr(merged.id_map.data(), total) if total else np.zeros(0, np.int64)
     else:
-        if total and (lists.min() < 0 or lists.max() >= template.nlist):
-            raise IndexError_(f"snapshot {snap.name}: a part names an IVF list outside 0..{template.nlist - 1}")
-        merged = _merge_ivf(template, ids, flat, lists)
-        ids_view = ids
+        template.reset()
+        empty = fi.serialize(template)  # what the next generation starts from (codebooks, quantizer, nprobe)
+        if lists is None:
+            merged = _merge_exhaustive(template, ids, flat)
+            # FAISS's id map holds the ids by position: view it instead of keeping a second copy.
+            ids_view = faiss.rev_swig_ptr(merged.id_map.data(), total) if total else np.zeros(0, np.int64)
+        else:
+            if total and (lists.min() < 0 or lists.max() >= template.nlist):
+                raise IndexError_(f"snapshot {snap.name}: a part names an IVF list outside 0..{template.nlist - 1}")
+            merged = _merge_ivf(template, ids, flat, lists)
+            ids_view = ids
     del flat, lists
     if merged is not None:
         fi.set_nprobe(merged, nprobe)
@@ -423,9 +564,10 @@ def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], numbe
     _release_unused_memory()
     # `ids_view` may point into the index's memory: both live and die with the Partition.
     part = Partition(snap, number, of, list(parts), merged, ids_view, order, offsets, lookups,
-                     load_seconds=time.perf_counter() - t0)
-    if cache_dir is None:
-        weakref.finalize(part, shutil.rmtree, store, True)
-    log.info("partition %d/%d of %s: %d parts, %d rows merged into one %s in %.1fs", number + 1, of, snap.name,
-             len(parts), total, type(merged).__name__ if merged is not None else "empty index", part.load_seconds)
+                     load_seconds=time.perf_counter() - t0, empty=empty, kept_parts=len(moves),
+                     read_parts=len(parts) - len(moves))
+    log.info("partition %d/%d of %s: %d parts (%d read, %d kept from %s), %d rows merged into one %s in %.1fs",
+             number + 1, of, snap.name, len(parts), part.read_parts, part.kept_parts,
+             previous.name if previous is not None else "none", total,
+             type(merged).__name__ if merged is not None else "empty index", part.load_seconds)
     return part
