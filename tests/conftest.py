@@ -20,10 +20,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on (all held open together while choosing)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +70,18 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True).mkdir(name)
     return name
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh bucket on the session's S3 endpoint: returns its s3://<bucket>/index root URI."""
+    import uuid
+
+    from sscq_dist import storage
+
+    bucket = f"idx-{uuid.uuid4().hex[:12]}"
+    storage.s3fs_filesystem().call_s3("create_bucket", Bucket=bucket)
+    return f"s3://{bucket}/index"
 
 
 @pytest.fixture(scope="session")

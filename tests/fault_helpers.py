@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from conftest import REPO
+from conftest import REPO, free_port  # noqa: F401 (free_port: re-exported for the fault tests)
 
 DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
 # Subprocess jobs get this long before a test gives up on them (generous: CI machines are slow).
@@ -90,12 +90,6 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> s
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05):

@@ -1,7 +1,6 @@
 """Search over index parts: merge equals one index; Searcher opens snapshots on local and S3 roots,
 and still serves a root written in the pre-snapshot manifest.json layout."""
 
-import uuid
 
 import numpy as np
 import pytest
@@ -226,28 +225,6 @@ def test_legacy_manifest_root_is_still_served(tmp_path):
     a, b = old.search(x[:50], 10), new.search(x[:50], 10)
     assert_same_topk(a.distances, a.ids, b.distances, b.ids)
     assert a.uris == b.uris
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_root(moto_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"idx-{uuid.uuid4().hex[:12]}"
-    storage.s3fs_filesystem().call_s3("create_bucket", Bucket=bucket)
-    return f"s3://{bucket}/index"
 
 
 @pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
