@@ -3,7 +3,11 @@
 A point does nothing unless the environment variable SSCQ_FAILPOINTS names it, e.g.
 `SSCQ_FAILPOINTS="reindex.after_snapshot=kill"`. Actions:
 - `kill`: SIGKILL this process right here (a real crash at an exact step);
-- `sleep(S)`: pause S seconds (lets a test act, e.g. take the lock over, at that step).
+- `sleep(S)`: pause S seconds;
+- `pause(DIR)`: create `DIR/<name>.reached`, then wait until the test creates
+  `DIR/<name>.release` (the test acts at that exact step, e.g. takes the lock over, with no
+  wall-clock race; files work across processes). A point never released raises after
+  PAUSE_LIMIT_S instead of hanging its job.
 Production runs never set the variable; the cost of an unset point is one dict lookup.
 """
 
@@ -16,6 +20,9 @@ import time
 
 ENV = "SSCQ_FAILPOINTS"
 _SLEEP = re.compile(r"^sleep\((\d+(?:\.\d+)?)\)$")
+_PAUSE = re.compile(r"^pause\((.+)\)$")
+PAUSE_LIMIT_S = 900.0
+_PAUSE_POLL_S = 0.02
 
 
 def _actions() -> dict[str, str]:
@@ -34,4 +41,20 @@ def failpoint(name: str) -> None:
     if m:
         time.sleep(float(m.group(1)))
         return
-    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill or sleep(S))")
+    m = _PAUSE.match(action)
+    if m:
+        _pause(name, m.group(1))
+        return
+    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill, sleep(S) or pause(DIR))")
+
+
+def _pause(name: str, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.reached"), "w") as f:
+        f.write(str(os.getpid()))
+    release = os.path.join(folder, f"{name}.release")
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"failpoint {name!r} was not released within {PAUSE_LIMIT_S:.0f}s ({release})")
+        time.sleep(_PAUSE_POLL_S)

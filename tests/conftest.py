@@ -20,6 +20,32 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
+# Fixtures that start Ray, train a model or bring up a whole stack: a test that uses one is
+# marked `slow` and left out of `make test-fast` (the unit and contract tier).
+SLOW_FIXTURES = frozenset({"ray_local", "trained", "dev_stack"})
+# Skip reasons CI accepts (SSCQ_FAIL_ON_SKIP=1, set by .ci/run): none, every test runs there.
+ALLOWED_SKIPS: tuple[str, ...] = ()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under SSCQ_FAIL_ON_SKIP=1 a skip is a failure naming its reason: a skipped test passes nothing."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not (rep.skipped and os.environ.get("SSCQ_FAIL_ON_SKIP") == "1") or hasattr(rep, "wasxfail"):
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped where every test must run (SSCQ_FAIL_ON_SKIP=1): {reason}"
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct ports nothing listens on (all held open together while choosing)."""
     socks = []

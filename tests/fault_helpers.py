@@ -103,6 +103,46 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+class Pause:
+    """A `pause(DIR)` failpoint (sscq_dist/failpoints.py) a test holds and releases: the code
+    under test stops at the named step until `release()`; `reached()` waits until it is there."""
+
+    def __init__(self, folder: str, name: str):
+        self.folder, self.name = str(folder), name
+        os.makedirs(self.folder, exist_ok=True)
+
+    @property
+    def spec(self) -> str:
+        """The SSCQ_FAILPOINTS entry."""
+        return f"{self.name}=pause({self.folder})"
+
+    def reached(self, timeout: float = JOB_TIMEOUT_S, alive=None) -> None:
+        """Wait until the point is reached; `alive()` returning False (a job that exited) fails early."""
+        marker = os.path.join(self.folder, f"{self.name}.reached")
+
+        def there():
+            assert alive is None or alive(), f"exited before reaching failpoint {self.name}"
+            return os.path.exists(marker)
+        wait_for(there, timeout, f"failpoint {self.name}", interval=0.02)
+
+    def release(self) -> None:
+        open(os.path.join(self.folder, f"{self.name}.release"), "w").close()
+
+
+def promotion_writes(uri: str, name: str, version: str) -> tuple:
+    """What a promotion can write: its runs, the version's tags, the champion alias."""
+    from mlflow.tracking import MlflowClient
+
+    from sscq_dist.promotion import PROMOTION_EXPERIMENT
+    from sscq_dist.registry import CHAMPION
+
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
+    runs = [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
+    champ = client.get_registered_model(name).aliases.get(CHAMPION)
+    return sorted(runs), dict(client.get_model_version(name, version).tags), str(champ)
+
+
 def leaks(data: bytes | str, secrets) -> list[str]:
     """Which of the secret values occur in data."""
     raw = data.encode() if isinstance(data, str) else data
