@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -196,6 +197,12 @@ class BuildResult:
     received_bytes: int = 0  # bytes of rows the driver took from the stream
 
 
+def row_bytes(row: dict) -> int:
+    """Bytes of one row as the driver received it: its pickled size, every array in full
+    (len(str(array)) would count numpy's abbreviated print of a large one)."""
+    return len(pickle.dumps(row, protocol=5))
+
+
 def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, progress: bool = True) -> BuildResult:
     """Build every todo shard on the actor pool; returns the records (deduplicated by part).
 
@@ -214,7 +221,7 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
                         batch_size=1, batch_format="numpy", **actor_pool(cfg, actors))
     t0 = last = time.perf_counter()
     for row in ds.iter_rows():
-        result.received_bytes += sum(len(str(v)) for v in row.values())
+        result.received_bytes += row_bytes(row)
         if lock is not None:
             lock.raise_if_lost()
         if row["error"]:
