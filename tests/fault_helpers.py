@@ -248,6 +248,62 @@ class HungEndpoint:
         self.sock.close()
 
 
+class CountingProxy:
+    """A transparent HTTP proxy in front of a real server: forwards every request unchanged and
+    counts them by (method, path), i.e. the requests the server behind it received."""
+
+    def __init__(self, target: str):
+        import collections
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        host, port = urlsplit(target).hostname, urlsplit(target).port
+        self.counts: collections.Counter = collections.Counter()
+        counts, lock = self.counts, threading.Lock()
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    counts[(self.command, self.path.split("?")[0])] += 1
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "host")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def count(self, method: str, path: str) -> int:
+        return self.counts[(method, path)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class DenyingEndpoint:
     """An HTTP endpoint that answers every S3 request `403 AccessDenied`, as S3 does for a
     bucket whose policy denies the caller."""
