@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port
-from fault_helpers import random_model_dir
+from fault_helpers import random_model_dir, wait_for
 from sscq_dist.config import ServeConfig
 from sscq_dist.data.decode import decode_image
 from sscq_dist.encoding import embed_images
@@ -40,6 +40,8 @@ K = 10
 WATCH_S = 1.0
 # Load and scheduling allowance on top of the watch interval (a busy 2-core CI machine).
 SWAP_SLACK_S = 20.0
+# The hot-swap load must be answered this close on both sides of the swap.
+ACROSS_S = 5.0
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # The screenshot goes to the test's tmp dir: a test run leaves the checkout unchanged. To refresh
 # README's picture on purpose: SSCQ_WEB_SCREENSHOT=benchmarks/results/serve_web_page.png.
@@ -305,7 +307,7 @@ def test_hot_swap_to_a_new_champion_under_load(service):
     threads = [threading.Thread(target=client) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    wait_for(lambda: sum(1 for _, st, _ in log if st == 200) >= 5, 120, "the load to be answered")
     new_model = random_model_dir(str(service["work"] / "champion2"), 7)
     summary = reindex(cfg.data.train_uri, root, new_model, cfg, progress=False)
     t_flip = time.monotonic()
@@ -333,5 +335,12 @@ def test_hot_swap_to_a_new_champion_under_load(service):
     print(f"swap: {len(log)} requests, last old answer {max(old_after, default=0):.1f}s and first new answer "
           f"{min(new_after, default=float('nan')):.1f}s after CURRENT flipped")
     assert new_after, "the new snapshot never answered"
+    # The load spans the swap: answers from the old snapshot right before the first new answer
+    # and from the new one right after it (no pause in serving hides a failed swap).
+    t_swap = t_flip + min(new_after)
+    assert any(b["version"] == old_name and t_swap - ACROSS_S <= t < t_swap for t, _, b in log), \
+        "no load before the swap"
+    assert sum(1 for t, _, b in log if b["version"] == summary.snapshot and t <= t_swap + ACROSS_S) >= 2, \
+        "no load after the swap"
     assert max(old_after, default=0.0) <= WATCH_S + SWAP_SLACK_S
     assert min(new_after) <= WATCH_S + SWAP_SLACK_S
