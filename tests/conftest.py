@@ -27,10 +27,20 @@ SLOW_FIXTURES = frozenset({"ray_local", "trained", "dev_stack"})
 ALLOWED_SKIPS: tuple[str, ...] = ()
 
 
+# pytest-timeout counts fixture setup: the first test to request one of these also pays for a
+# whole training run or stack start (minutes on a loaded 2-core machine), so such tests get
+# this budget instead of pyproject's 600 s unless they carry their own.
+SETUP_HEAVY_FIXTURES = frozenset({"trained", "dev_stack"})
+SETUP_HEAVY_TIMEOUT_S = 1200
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames):
+        names = set(item.fixturenames)
+        if SLOW_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        if SETUP_HEAVY_FIXTURES & names and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SETUP_HEAVY_TIMEOUT_S))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -280,7 +280,7 @@ def _e2e_run(cmd, env, cwd=REPO, timeout=E2E_TIMEOUT_S):
     return r, r.stdout + r.stderr
 
 
-@pytest.mark.timeout(900)  # the longest test: ~3-4 min idle, ingest to search through real servers
+@pytest.mark.timeout(1200)  # the longest test (~3-4 min idle) and the stack start if it runs first
 def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     """End to end through this stack's real servers (before it goes down): ingest to s3://,
     `ray job submit` train, promote, `ray job submit` reindex to s3://, search; served
