@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every dependency at one version (resolved from pyproject.toml's ranges by `make lock`): the
+# laptop, CI and the cluster image (infra/Dockerfile) install this same file.
+LOCK := requirements.lock
 
-.PHONY: install demo test clean
+.PHONY: install lock demo test test-fast clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,6 +23,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=30
+
+# Unit and contract tests only: no Ray Train run, no end-to-end job (see tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow" --durations=15
+
+# The upgrade path: re-resolve every pin within pyproject.toml's ranges (and constraints.txt's
+# caps) for the image's Python on Linux, then `make test`.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --constraint constraints.txt --upgrade \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(LOCK)
 
 clean:
 	rm -rf data runs mlruns.db index outputs .cache

@@ -8,6 +8,10 @@ A point does nothing unless the environment variable SSCQ_FAILPOINTS names it, e
   until PATH exists; later callers pass through. Orders a race by files, not by sleeps;
 - `oserror_once(PATH)`: the first caller that creates PATH raises OSError (a transient storage
   error); later callers pass through.
+- `pause(DIR)`: create `DIR/<name>.reached`, then wait until the test creates
+  `DIR/<name>.release` (the test acts at that exact step, e.g. takes the lock over, with no
+  wall-clock race; files work across processes). A point never released raises after
+  PAUSE_LIMIT_S instead of hanging its job.
 Production runs never set the variable; the cost of an unset point is one dict lookup.
 """
 
@@ -23,6 +27,9 @@ _SLEEP = re.compile(r"^sleep\((\d+(?:\.\d+)?)\)$")
 _WAIT = re.compile(r"^wait\((.+)\)$")
 _OSERROR_ONCE = re.compile(r"^oserror_once\((.+)\)$")
 WAIT_LIMIT_S = 120.0
+_PAUSE = re.compile(r"^pause\((.+)\)$")
+PAUSE_LIMIT_S = 900.0
+_PAUSE_POLL_S = 0.02
 
 
 def _actions() -> dict[str, str]:
@@ -52,7 +59,12 @@ def failpoint(name: str) -> None:
         except FileExistsError:
             return
         raise OSError(f"failpoint {name}: injected transient error")
-    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} (kill, sleep(S), wait(PATH) or oserror_once(PATH))")
+    m = _PAUSE.match(action)
+    if m:
+        _pause(name, m.group(1))
+        return
+    raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} "
+                     "(kill, sleep(S), wait(PATH), pause(DIR) or oserror_once(PATH))")
 
 
 def _wait_for_file(path: str) -> None:
@@ -65,3 +77,15 @@ def _wait_for_file(path: str) -> None:
     deadline = time.monotonic() + WAIT_LIMIT_S
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _pause(name: str, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.reached"), "w") as f:
+        f.write(str(os.getpid()))
+    release = os.path.join(folder, f"{name}.release")
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"failpoint {name!r} was not released within {PAUSE_LIMIT_S:.0f}s ({release})")
+        time.sleep(_PAUSE_POLL_S)

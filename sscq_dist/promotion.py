@@ -18,6 +18,7 @@ from typing import Optional
 
 from sscq_dist.config import Config
 from sscq_dist.errors import RegistryError, SSCQError
+from sscq_dist.failpoints import failpoint
 from sscq_dist.registry import CHAMPION, alias_version, load_model
 from sscq_dist.storage import redact_uri
 
@@ -161,6 +162,7 @@ def commit(d: Decision, name: str, cfg: Config, min_improvement: float = 0.0) ->
     try:
         _check_unmoved(d, name)
         _record(d, name, min_improvement, cfg, uri)
+        failpoint("promote.recorded")  # tests: a concurrent alias move lands here
         if d.promote:
             _check_unmoved(d, name, recorded=True)
             # Last write: everything above may fail and leave the alias untouched.

@@ -20,10 +20,58 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
+# Fixtures that start Ray, train a model or bring up a whole stack: a test that uses one is
+# marked `slow` and left out of `make test-fast` (the unit and contract tier).
+SLOW_FIXTURES = frozenset({"ray_local", "trained", "dev_stack"})
+# Skip reasons CI accepts (SSCQ_FAIL_ON_SKIP=1, set by .ci/run): none, every test runs there.
+ALLOWED_SKIPS: tuple[str, ...] = ()
+
+
+# pytest-timeout counts fixture setup: the first test to request one of these also pays for a
+# whole training run or stack start (minutes on a loaded 2-core machine), so such tests get
+# this budget instead of pyproject's 600 s unless they carry their own.
+SETUP_HEAVY_FIXTURES = frozenset({"trained", "dev_stack"})
+SETUP_HEAVY_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(item.fixturenames)
+        if SLOW_FIXTURES & names:
+            item.add_marker(pytest.mark.slow)
+        if SETUP_HEAVY_FIXTURES & names and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SETUP_HEAVY_TIMEOUT_S))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under SSCQ_FAIL_ON_SKIP=1 a skip is a failure naming its reason: a skipped test passes nothing."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not (rep.skipped and os.environ.get("SSCQ_FAIL_ON_SKIP") == "1") or hasattr(rep, "wasxfail"):
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped where every test must run (SSCQ_FAIL_ON_SKIP=1): {reason}"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on (all held open together while choosing)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +106,18 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True).mkdir(name)
     return name
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh bucket on the session's S3 endpoint: returns its s3://<bucket>/index root URI."""
+    import uuid
+
+    from sscq_dist import storage
+
+    bucket = f"idx-{uuid.uuid4().hex[:12]}"
+    storage.s3fs_filesystem().call_s3("create_bucket", Bucket=bucket)
+    return f"s3://{bucket}/index"
 
 
 @pytest.fixture(scope="session")

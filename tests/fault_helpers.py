@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from conftest import REPO
+from conftest import REPO, free_port  # noqa: F401 (free_port: re-exported for the fault tests)
 
 DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
 # Subprocess jobs get this long before a test gives up on them (generous: CI machines are slow).
@@ -92,12 +92,6 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     """Poll cond() until it returns a truthy value; fail naming `what` after timeout seconds."""
     deadline = time.time() + timeout
@@ -107,6 +101,46 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Pause:
+    """A `pause(DIR)` failpoint (sscq_dist/failpoints.py) a test holds and releases: the code
+    under test stops at the named step until `release()`; `reached()` waits until it is there."""
+
+    def __init__(self, folder: str, name: str):
+        self.folder, self.name = str(folder), name
+        os.makedirs(self.folder, exist_ok=True)
+
+    @property
+    def spec(self) -> str:
+        """The SSCQ_FAILPOINTS entry."""
+        return f"{self.name}=pause({self.folder})"
+
+    def reached(self, timeout: float = JOB_TIMEOUT_S, alive=None) -> None:
+        """Wait until the point is reached; `alive()` returning False (a job that exited) fails early."""
+        marker = os.path.join(self.folder, f"{self.name}.reached")
+
+        def there():
+            assert alive is None or alive(), f"exited before reaching failpoint {self.name}"
+            return os.path.exists(marker)
+        wait_for(there, timeout, f"failpoint {self.name}", interval=0.02)
+
+    def release(self) -> None:
+        open(os.path.join(self.folder, f"{self.name}.release"), "w").close()
+
+
+def promotion_writes(uri: str, name: str, version: str) -> tuple:
+    """What a promotion can write: its runs, the version's tags, the champion alias."""
+    from mlflow.tracking import MlflowClient
+
+    from sscq_dist.promotion import PROMOTION_EXPERIMENT
+    from sscq_dist.registry import CHAMPION
+
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
+    runs = [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
+    champ = client.get_registered_model(name).aliases.get(CHAMPION)
+    return sorted(runs), dict(client.get_model_version(name, version).tags), str(champ)
 
 
 def leaks(data: bytes | str, secrets) -> list[str]:
@@ -212,6 +246,62 @@ class HungEndpoint:
         for c in self.held:
             c.close()
         self.sock.close()
+
+
+class CountingProxy:
+    """A transparent HTTP proxy in front of a real server: forwards every request unchanged and
+    counts them by (method, path), i.e. the requests the server behind it received."""
+
+    def __init__(self, target: str):
+        import collections
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        host, port = urlsplit(target).hostname, urlsplit(target).port
+        self.counts: collections.Counter = collections.Counter()
+        counts, lock = self.counts, threading.Lock()
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    counts[(self.command, self.path.split("?")[0])] += 1
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "host")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def count(self, method: str, path: str) -> int:
+        return self.counts[(method, path)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class DenyingEndpoint:

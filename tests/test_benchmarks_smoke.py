@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 BENCH = os.path.join(REPO, "benchmarks")
 # Generous: each smoke takes well under a minute on an idle 2-core machine.
 SMOKE_TIMEOUT_S = 600

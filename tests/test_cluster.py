@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,10 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import conftest
+from conftest import free_ports
 from fault_helpers import leaks, s3_objects
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(conftest.REPO)
 CLUSTER = REPO / "cluster"
+# The environment running these tests (wherever `make install` or CI put it) is the one the
+# stack runs: cluster/up.sh takes it as VENV.
+VENV = Path(sys.prefix)
 PORT_VARS = ("SSCQ_RAY_PORT", "SSCQ_RAY_DASHBOARD_PORT", "SSCQ_RAY_CLIENT_PORT", "SSCQ_RAY_AGENT_PORT",
              "SSCQ_S3_PORT", "SSCQ_MLFLOW_PORT")
 # Client-side names cluster/up.sh must export in env.sh.
@@ -56,20 +62,6 @@ class DevStack:
         return Path(self.client_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on (all held open together while choosing)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def run_script(name: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER / name), *args], env=env, capture_output=True, text=True,
                           timeout=SCRIPT_TIMEOUT_S, cwd=REPO)
@@ -89,7 +81,7 @@ def dev_stack_settings(state_dir: Path) -> DevStack:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_", "SSCQ_"))}
     env.update({k: str(v) for k, v in ports.items()})
     # A short stop grace keeps teardown quick; down.sh still escalates to SIGKILL.
-    env.update(SSCQ_STACK_DIR=str(state_dir), SSCQ_BUCKET="sscq-test", VENV=str(REPO / ".venv"),
+    env.update(SSCQ_STACK_DIR=str(state_dir), SSCQ_BUCKET="sscq-test", VENV=str(VENV),
                SSCQ_RAY_NUM_CPUS="4", SSCQ_STOP_GRACE="4")
     return DevStack(state_dir=state_dir, script_env=env, ports=ports)
 
@@ -260,14 +252,14 @@ def test_submitted_job_runs_with_the_stack_environment(dev_stack, tmp_path):
         "      'AWS_SECRET_ACCESS_KEY' in os.environ, sys.prefix)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env.update(dev_stack.client_env)
-    r = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "job", "submit", "--working-dir", ".", "--",
+    r = subprocess.run([str(VENV / "bin" / "ray"), "job", "submit", "--working-dir", ".", "--",
                         "python", "probe.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=SCRIPT_TIMEOUT_S)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     # `python` in an entrypoint is the venv's interpreter (it imported ray above).
     expected = (f"PROBE {dev_stack.url('SSCQ_S3_PORT')} {dev_stack.url('SSCQ_MLFLOW_PORT')} True "
-                f"{REPO / '.venv'}")
+                f"{VENV}")
     assert expected in out
     assert dev_stack.token not in out
 
@@ -288,6 +280,7 @@ def _e2e_run(cmd, env, cwd=REPO, timeout=E2E_TIMEOUT_S):
     return r, r.stdout + r.stderr
 
 
+@pytest.mark.timeout(1200)  # the longest test (~3-4 min idle) and the stack start if it runs first
 def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     """End to end through this stack's real servers (before it goes down): ingest to s3://,
     `ray job submit` train, promote, `ray job submit` reindex to s3://, search; served
@@ -295,8 +288,8 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     stack = dev_stack
     env = _e2e_env(stack)
     bucket = stack.client_env["SSCQ_BUCKET"]
-    py = str(REPO / ".venv" / "bin" / "python")
-    ray_bin = str(REPO / ".venv" / "bin" / "ray")
+    py = str(VENV / "bin" / "python")
+    ray_bin = str(VENV / "bin" / "ray")
     data = f"s3://{bucket}/digits"
     common = [f"data.train_uri={data}/train", f"data.queries_uri={data}/test"]
     logs = []

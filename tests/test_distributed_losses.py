@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 from sscq_dist.config import LossConfig, ModelConfig
 from sscq_dist.distributed import mean_over_workers
 from sscq_dist.losses import SSCQObjective
@@ -33,12 +33,6 @@ MODEL_CFG = ModelConfig(backbone="small_cnn", bits=16)  # M = 4, K = 16, d = 16
 LOSS_CFG = LossConfig(num_neighbors=3)
 # (name, use_bank, bank rows per shard): shards hold rows [r*4, r*4 + fill) of the entries.
 SCENARIOS = [("no_bank", False, 0), ("full_bank", True, 4), ("partial_bank", True, 3)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bank(entries: torch.Tensor, fill: int, world: int, rank: int) -> NeighborBank:
@@ -123,7 +117,7 @@ def test_two_workers_equal_one_process_on_concatenated_batch(tmp_path):
     data_path = str(tmp_path / "data.pt")
     torch.save({"state": model.state_dict(), "xa": xa, "xb": xb, "entries": entries}, data_path)
 
-    _run_workers(_free_port(), data_path, str(tmp_path))
+    _run_workers(free_port(), data_path, str(tmp_path))
 
     objective = SSCQObjective(LOSS_CFG, MODEL_CFG)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]

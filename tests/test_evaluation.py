@@ -12,10 +12,11 @@ import pyarrow as pa
 import pytest
 from sklearn.datasets import load_digits
 
+import conftest
 from sscq_dist import evaluation as ev
 from sscq_dist.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(conftest.REPO)
 
 
 def _random_pq(rng, n_query, n_db, m, k=16, d=16):

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+import conftest
+
+REPO = Path(conftest.REPO)
 INFRA = REPO / "infra"
 RAY_CLUSTER_YAML = REPO / "ray_cluster.yaml"
 
@@ -238,22 +240,54 @@ def test_same_image_for_raycluster_rayjob_and_cronjob():
     assert mlflow_image == {dockerfile_built_images()["mlflow"]}
 
 
-def test_ray_version_pins_agree_with_installed_ray():
-    """Dockerfile, KubeRay rayVersion and the launcher's pip pin name the Ray version in
-    this environment; a Ray client only talks to a cluster of its own version."""
-    import ray
+def project() -> dict:
+    """pyproject.toml's [project] table."""
+    import tomllib
 
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def locked_versions() -> dict[str, str]:
+    """name -> version of every pin in requirements.lock (what `make install` and the image install)."""
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (REPO / "requirements.lock").read_text(), re.M)
+    return {name.lower(): version for name, version in pins}
+
+
+def test_ray_version_pins_agree_with_the_lock():
+    """Dockerfile, KubeRay rayVersion and the launcher's pip pin name the lock's Ray version, and
+    pyproject's range admits it; a Ray client only talks to a cluster of its own version."""
+    from packaging.requirements import Requirement
+
+    ray_version = locked_versions()["ray"]
     docker = re.search(r"^ARG RAY_VERSION=(\S+)$", (INFRA / "Dockerfile").read_text(), re.M).group(1)
-    pins = {docker, one("RayCluster")["spec"]["rayVersion"], one("RayJob")["spec"]["rayClusterSpec"]["rayVersion"]}
+    pins = {docker, one("RayCluster")["spec"]["rayVersion"], one("RayJob")["spec"]["rayClusterSpec"]["rayVersion"],
+            one("RayService")["spec"]["rayClusterConfig"]["rayVersion"]}
     launcher = re.findall(r'ray\[[a-z,]+\]==([0-9.]+)', " ".join(ray_cluster_config()["setup_commands"]))
-    assert launcher and pins | set(launcher) == {ray.__version__}
+    assert launcher and pins | set(launcher) == {ray_version}
+    deps = [Requirement(d) for d in project()["dependencies"]]
+    assert ray_version in next(r for r in deps if r.name == "ray").specifier
+
+
+def test_lock_pins_every_dependency_within_pyproject_ranges():
+    """requirements.lock holds each dependency (dev extra too) at a version pyproject.toml allows,
+    and the MLflow server image runs the lock's MLflow."""
+    from packaging.requirements import Requirement
+
+    locked = locked_versions()
+    for dep in project()["dependencies"] + project()["optional-dependencies"]["dev"]:
+        req = Requirement(dep)
+        assert req.name.lower() in locked, f"{req.name} is not in requirements.lock (run `make lock`)"
+        assert locked[req.name.lower()] in req.specifier, f"lock has {req.name}=={locked[req.name.lower()]}, " \
+            f"pyproject wants {req.specifier} (run `make lock`)"
+    mlflow_image = re.search(r"^ARG MLFLOW_VERSION=(\S+)$", (INFRA / "Dockerfile").read_text(), re.M).group(1)
+    assert mlflow_image == locked["mlflow"]
 
 
 def test_dockerfile_installs_the_package_with_gpu_extra():
     text = (INFRA / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-gpu", text, re.M)
     assert re.search(r"^COPY --chown=ray:users \. /home/ray/sscq-dist$", text, re.M)
-    assert re.search(r'pip install --no-cache-dir -c \S+ "\.\[gpu\]"', text)
+    assert re.search(r'pip install --no-cache-dir -r requirements\.lock "\.\[gpu\]"', text)
     assert "import ray, sscq_dist" in text, "build must fail when the package does not import"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", ".cluster", "data"} <= set(ignore)

@@ -11,29 +11,6 @@ from sscq_dist.errors import IndexError_
 from sscq_dist.indexing.lock import IndexLock
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_root(moto_endpoint, monkeypatch):
-    """A fresh bucket on the local S3 endpoint; returns its s3:// root URI."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"idx-{uuid.uuid4().hex[:12]}"
-    storage.s3fs_filesystem().call_s3("create_bucket", Bucket=bucket)
-    return f"s3://{bucket}/index"
-
-
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path):
     if request.param == "local":

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import REPO
+from fault_helpers import promotion_writes
 from sscq_dist.errors import SSCQError
 from sscq_dist.model import build_model
-from sscq_dist.promotion import (EXIT_ERROR, EXIT_PROMOTED, EXIT_REJECTED, PROMOTION_EXPERIMENT, PromotionConflict,
+from sscq_dist.promotion import (EXIT_ERROR, EXIT_PROMOTED, EXIT_REJECTED, PromotionConflict,
                                  commit, decide, promote, score_gate)
 from sscq_dist.registry import CHAMPION, alias_version, load_model, log_and_register
 
@@ -57,21 +58,10 @@ def test_gate_sequence(trained, versions):
     assert alias_version(name, CHAMPION) == v["trained"]
     assert MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri).get_model_version(name, v["untrained"]).tags["promotion.decision"] == "rejected"
     # A negative margin lets a tie through; a dry run writes nothing: no run, no tag, no alias.
-    before = _writes(cfg.tracking.tracking_uri, name, v["trained_copy"])
+    before = promotion_writes(cfg.tracking.tracking_uri, name, v["trained_copy"])
     dry = promote(name, v["trained_copy"], cfg, min_improvement=-0.01, dry_run=True)
     assert dry.promote and "would promote" in dry.line() and alias_version(name, CHAMPION) == v["trained"]
-    assert _writes(cfg.tracking.tracking_uri, name, v["trained_copy"]) == before
-
-
-def _writes(uri: str, name: str, version: str) -> tuple:
-    """What a promotion can write: its runs, the version's tags, the champion alias."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri, registry_uri=uri)
-    exp = client.get_experiment_by_name(PROMOTION_EXPERIMENT)
-    runs = [r.info.run_id for r in client.search_runs([exp.experiment_id])] if exp else []
-    champ = client.get_registered_model(name).aliases.get(CHAMPION)
-    return sorted(runs), dict(client.get_model_version(name, version).tags), str(champ)
+    assert promotion_writes(cfg.tracking.tracking_uri, name, v["trained_copy"]) == before
 
 
 def test_champion_moved_during_scoring_aborts_with_both_versions(trained, versions):
@@ -169,11 +159,11 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
     assert "error:" in failed.stderr and "Traceback" not in failed.stderr
     assert str(client.get_registered_model(name).aliases[CHAMPION]) == v["trained"]
     # A dry run that would promote: exit 0, and nothing written.
-    before = _writes(uri, name, v["trained_copy"])
+    before = promotion_writes(uri, name, v["trained_copy"])
     ok = _run_promote(["--candidate", v["trained_copy"], "--dry-run", "--min-improvement", "-0.01", *common], env)
     assert ok.returncode == EXIT_PROMOTED, ok.stdout + ok.stderr
     assert f"would promote v{v['trained_copy']}" in ok.stdout
-    assert _writes(uri, name, v["trained_copy"]) == before
+    assert promotion_writes(uri, name, v["trained_copy"]) == before
     # A worse candidate: exit 3, the decision recorded, the alias where it was.
     worse = _run_promote(["--candidate", v["untrained"], *common], env)
     assert worse.returncode == EXIT_REJECTED, worse.stdout + worse.stderr

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_cfg
-from fault_helpers import (DIGITS_YAML, HungEndpoint, MlflowServer, assert_one_error_line, free_port, job_cmd,
-                           job_env, kill_group, random_model_dir, run_job, start_job, wait_for)
+from fault_helpers import (DIGITS_YAML, HungEndpoint, MlflowServer, Pause, assert_one_error_line, free_port,
+                           job_cmd, job_env, kill_group, random_model_dir, run_job, start_job, wait_for)
 
 # Small retry budget so an outage is detected in well under a second of backoff.
 FAST_RETRIES = ["storage.max_attempts=2", "storage.retry_backoff_s=0.05"]
@@ -399,17 +399,17 @@ def test_writer_that_lost_its_lease_cannot_publish(digits_all, tmp_path, ray_loc
     model = random_model_dir(str(tmp_path / "model"), 5)
     args = _reindex_args(digits_all, root, model, tmp_path)
     obs = IndexObserver(root)
-    proc = subprocess.Popen(job_cmd("reindex.py", *args), env=job_env(ray_local, SSCQ_FAILPOINTS=
-                            "reindex.before_snapshot=sleep(6)"), cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-    def all_parts():
-        vs = os.listdir(os.path.join(root, "models")) if os.path.isdir(os.path.join(root, "models")) else []
-        return vs[0] if vs and obs.records(vs[0]) == 18 else None
-    version = wait_for(all_parts, 240, "18 committed parts", interval=0.02)
+    # The writer stops after its last part, before its snapshot, until the takeover is done.
+    pause = Pause(tmp_path / "failpoints", "reindex.before_snapshot")
+    proc = subprocess.Popen(job_cmd("reindex.py", *args), env=job_env(ray_local, SSCQ_FAILPOINTS=pause.spec),
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pause.reached(alive=lambda: proc.poll() is None)
+    version = os.listdir(os.path.join(root, "models"))[0]
+    assert obs.records(version) == 18
     with open(os.path.join(root, "lock"), "w") as f:  # an operator's forced takeover
         json.dump({"owner": "ops-override", "token": uuid.uuid4().hex, "fence": 1,
                    "expires_at": time.time() + 5}, f)
+    pause.release()
     out, err = proc.communicate(timeout=300)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     line = assert_one_error_line(result, "lost the index lock to ops-override")

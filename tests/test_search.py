@@ -288,28 +288,6 @@ def test_old_layout_roots_are_refused_with_the_rebuild_message(tmp_path):
             Searcher.open(str(tmp_path / name))
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_root(moto_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"idx-{uuid.uuid4().hex[:12]}"
-    storage.s3fs_filesystem().call_s3("create_bucket", Bucket=bucket)
-    return f"s3://{bucket}/index"
-
-
 @pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
 def test_searcher_s3_root_second_open_reads_from_cache(s3_root, tmp_path, kind):
     c = codebooks()

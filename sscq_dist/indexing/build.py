@@ -192,6 +192,22 @@ class BuildResult:
     received_bytes: int = 0  # bytes of rows the driver took from the stream
 
 
+def row_bytes(row: dict) -> int:
+    """Bytes of one row as the driver received it, every array in full (len(str(array)) would
+    count numpy's abbreviated print of a large one)."""
+    total = 0
+    for v in row.values():
+        if isinstance(v, (str, np.str_)):
+            total += len(str(v).encode())
+        elif isinstance(v, (bytes, np.bytes_)):
+            total += len(v)
+        elif isinstance(v, np.ndarray) and v.dtype == object:
+            total += sum(row_bytes({"": x}) for x in v.ravel())
+        else:
+            total += np.asarray(v).nbytes
+    return total
+
+
 def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, progress: bool = True) -> BuildResult:
     """Build every todo shard on the actor pool; returns the records (deduplicated by part).
 
@@ -210,7 +226,7 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
                         batch_size=1, batch_format="numpy", **actor_pool(cfg, actors))
     t0 = last = time.perf_counter()
     for row in ds.iter_rows():
-        result.received_bytes += sum(len(str(v)) for v in row.values())
+        result.received_bytes += row_bytes(row)
         if lock is not None:
             lock.raise_if_lost()
         if row["error"]:
