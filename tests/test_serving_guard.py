@@ -182,14 +182,14 @@ def test_chunked_body_stops_at_the_limit_memory_unchanged(server):
     assert call(server, "/echo", data=b"x" * 1000)[0] == 200
 
 
-def chunked_upload(url, total, chunk=256 * 1024, token=TOKEN, path="/echo", ctype="application/json"):
-    """Send `total` bytes chunked (Transfer-Encoding, no Content-Length) until the server answers;
-    returns (status line, bytes sent)."""
+def chunked_upload(url, total, chunk=256 * 1024, token=TOKEN, path="/echo", ctype="application/json", prefix=b""):
+    """Send `prefix` then `total` zero bytes chunked (Transfer-Encoding, no Content-Length) until
+    the server answers; returns (status line, bytes sent)."""
     host, port = url.split("//")[1].split(":")
     sock = socket.create_connection((host, int(port.split("/")[0])), timeout=60)
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nContent-Type: {ctype}\r\n"
             f"Authorization: Bearer {token}\r\n\r\n").encode()
-    sock.sendall(head)
+    sock.sendall(head + (f"{len(prefix):x}\r\n".encode() + prefix + b"\r\n" if prefix else b""))
     sent, payload, reply = 0, b"\0" * chunk, b""
     sock.setblocking(False)
     import select
