@@ -309,3 +309,23 @@ def test_metrics_are_present_and_move_after_a_query(service):
     assert total(after, "sscq_generation") == int(current.split("/")[1])
     assert total(after, "sscq_serving_snapshot", version=current) == 1
     assert total(after, "sscq_rate_limited_total") >= total(before, "sscq_rate_limited_total")
+
+
+def test_token_never_reaches_logs_or_stores(service, tmp_path):
+    """After every test above sent it (and wrong ones): no byte of the Ray session's logs (Serve
+    controller, proxy, replica and access logs), the index root or the MLflow store holds it."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    files = [p for d in (os.path.join(session, "logs"), service["root"], os.path.dirname(service["root"]))
+             for p in (os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)]
+    assert any("SearchIngress" in p or "serve" in p for p in files)  # the replicas' logs are among them
+    leaked = []
+    for p in files:
+        try:
+            with open(p, "rb") as f:
+                if leaks(f.read(), [TOKEN]):
+                    leaked.append(p)
+        except OSError:
+            pass  # a socket or a file removed meanwhile
+    assert not leaked, leaked
