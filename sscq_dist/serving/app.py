@@ -347,7 +347,8 @@ class SearchIngress:
         """Every partition's answer to `method(*args)`; NotReady answers are returned, failures raise."""
         reasons = []
         for attempt in range(self.sv.partition_retries + 1):
-            waits = [_timed(i, asyncio.wait_for(_awaitable(getattr(h, method).remote(*args)), self.sv.partition_timeout_s))
+            timeout = self.sv.partition_timeout_s
+            waits = [_timed(i, asyncio.wait_for(_awaitable(getattr(h, method).remote(*args)), timeout))
                      for i, h in enumerate(self.partitions)]
             answers = await asyncio.gather(*waits, return_exceptions=True)
             failed = [(i, a) for i, a in enumerate(answers) if isinstance(a, BaseException)]
