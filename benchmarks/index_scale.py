@@ -9,7 +9,16 @@ For each S, in one run on one machine:
   after start-up, metadata bytes written per shard (records + snapshot + CURRENT), bytes the
   driver receives per image, seconds per stage;
 - "nothing to do": a rerun over the same S shards;
-- at the largest S: appending `--append` shards (a new snapshot generation), with its stages.
+- at the largest S: appending `--append` shards (a new snapshot generation), with its stages
+  and the metadata bytes that commit wrote;
+- a one-part commit to a `--commit-parts`-part index through the real publish path (lock,
+  manifests, manifest list, compare-and-swap of CURRENT): bytes written besides the part's
+  own files (every file created or rewritten, counted on disk);
+- fixed bytes per part (`--overhead-rows`): the same rows written as 20 and as 2,000 lean
+  parts by the real part writer (codes from FAISS's encoder with the version's trained
+  index), flat and IVF at nlist 1,024 and 16,384: (bytes at 2,000 - bytes at 20) / 1,980,
+  counting part files, commit records and manifest entries; beside it, the trained index
+  every part of the previous design copied.
 
 The previous design (commit `--baseline-commit`: one manifest.json rewritten after every
 shard, embeddings streamed to the driver) runs at S in `--baseline-shards` in a subprocess
@@ -49,12 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--append", type=int, default=10, help="shards appended to the largest version")
     p.add_argument("--snapshot-parts", type=int, default=100_000,
                    help="also time writing and reading one snapshot listing this many parts (the 1B-image size)")
+    p.add_argument("--commit-parts", type=int, default=2000,
+                   help="measure a one-part append to an index of this many parts (metadata bytes written)")
+    p.add_argument("--overhead-rows", type=int, default=100_000,
+                   help="rows written as 20 and as 2,000 parts to measure the fixed bytes per part (0: skip)")
     p.add_argument("--out", default=None, help="work and output dir (default outputs/bench-index-scale)")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
         a.shards, a.baseline_shards, a.rows, a.append, a.snapshot_parts = [8, 24], [], 10, 2, 1000
+        a.commit_parts, a.overhead_rows = 200, 4000
     a.out = os.path.abspath(a.out or os.path.join("outputs", "bench-index-scale" + ("-smoke" if a.smoke else "")))
     a.json = a.json or os.path.join(a.out, "index_scale.json")
     return a
@@ -156,6 +170,58 @@ def run_baseline(commit: str, images: str, root: str, model: str, cfg_path: str,
         shutil.rmtree(pkg, ignore_errors=True)
 
 
+def file_states(root: str) -> dict:
+    """path -> (size, mtime_ns, inode) of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def written_since(before: dict, root: str, exclude: str = os.sep + "parts" + os.sep) -> dict:
+    """Bytes of the files created or rewritten since `before`, outside `exclude` (the parts' own files)."""
+    after = file_states(root)
+    changed = {p: st[0] for p, st in after.items() if before.get(p) != st and exclude not in p}
+    return {"bytes": sum(changed.values()), "files": sorted(os.path.relpath(p, root) for p in changed)}
+
+
+def _bench_entry(i: int):
+    from sscq_dist.indexing.formats import PartEntry, SourceShard, part_files, part_name
+
+    src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
+    name = part_name(src.uri, src.etag)
+    index_file, _ = part_files(name)
+    return PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
+                     id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=380_000)
+
+
+def commit_cost(n_parts: int, root: str, manifest_max_parts: int) -> dict:
+    """Metadata bytes a one-part append to an n_parts index writes (publish path, local root)."""
+    from sscq_dist.indexing.formats import read_current, read_snapshot
+    from sscq_dist.indexing.lock import IndexLock
+    from sscq_dist.indexing.publish import new_snapshot, publish_snapshot
+    from sscq_dist.storage import resolve
+
+    loc = resolve(root)
+    kw = dict(model_uri="models:/sscq/7", version="7", codebook_checksum="sha256:" + "0" * 64, bits=32, M=8, K=16,
+              index_type="ivf_pq_fastscan", index_params={"nlist": 65536, "nprobe": 160}, coarse_checksum="0" * 64)
+    parts = [_bench_entry(i) for i in range(n_parts)]
+    with IndexLock(loc, "bench", 120) as lock:
+        base = new_snapshot(1, parts, previous=None, lock=lock, **kw)
+        publish_snapshot(loc, base, None, lock, manifest_max_parts=manifest_max_parts)
+    before = file_states(root)
+    t0 = time.perf_counter()
+    with IndexLock(loc, "bench", 120) as lock:
+        cur = read_current(loc)
+        nxt = new_snapshot(2, parts + [_bench_entry(n_parts)], previous=cur, lock=lock, **kw)
+        publish_snapshot(loc, nxt, cur, lock, base=read_snapshot(loc, cur), manifest_max_parts=manifest_max_parts)
+    w = written_since(before, root)
+    return {"parts": n_parts, "commit_s": time.perf_counter() - t0, "bytes": w["bytes"], "files": w["files"],
+            "manifests": len(nxt.manifests)}
+
+
 def snapshot_cost(n_parts: int, root: str) -> dict:
     """Seconds to write and read back (parse + type-check) one snapshot of n_parts parts."""
     from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, part_files, part_name,
@@ -166,10 +232,8 @@ def snapshot_cost(n_parts: int, root: str) -> dict:
     for i in range(n_parts):
         src = SourceShard(f"s3://bucket/images/part-{i:06d}.parquet", 40_000_000 + i, f"{i:032x}")
         name = part_name(src.uri, src.etag)
-        index_file, ids_file, _ = part_files(name)
         parts.append(PartEntry(part=name, source=src, rows=10_000, indexed=9_990, dropped=10, id_min=i * 10_000,
-                               id_max=i * 10_000 + 9_999, index_file=index_file, index_bytes=130_000,
-                               ids_file=ids_file, ids_bytes=250_000))
+                               id_max=i * 10_000 + 9_999, index_file=part_files(name)[0], index_bytes=400_000))
     snap = Snapshot(generation=1, model_uri="models:/sscq/7", model_version="7", codebook_checksum="sha256:" + "0" * 64,
                     bits=32, M=8, K=16, index_type="ivf_pq_fastscan", index_params={"nlist": 65536, "nprobe": 160},
                     coarse_checksum="0" * 64, created_at="2026-11-30T00:00:00+00:00", previous=None, writer="bench",
@@ -182,7 +246,79 @@ def snapshot_cost(n_parts: int, root: str) -> dict:
     t2 = time.perf_counter()
     assert len(back.parts) == n_parts
     size = os.path.getsize(os.path.join(root, "models", "7", "snapshots", "00000001.json"))
-    return {"parts": n_parts, "bytes": size, "write_s": t1 - t0, "read_s": t2 - t1}
+    size += sum(m.bytes for m in snap.manifests)  # the manifest list and every manifest it names
+    return {"parts": n_parts, "bytes": size, "manifests": len(snap.manifests), "write_s": t1 - t0, "read_s": t2 - t1}
+
+
+OVERHEAD_KINDS = (("flat", "pq_fastscan", 0), ("IVF nlist 1,024", "ivf_pq_fastscan", 1024),
+                  ("IVF nlist 16,384", "ivf_pq_fastscan", 16_384))
+OVERHEAD_PARTS = (20, 2000)
+
+
+def trained_index(kind: str, nlist: int, codebooks: np.ndarray, rng: np.random.Generator):
+    """The version's trained empty index; the IVF quantizer holds random centroids (only the
+    list numbers a part stores depend on it, and k-means at nlist 16,384 is not what is measured)."""
+    import faiss
+
+    from sscq_dist.indexing import faiss_index as fi
+
+    if kind == "pq_fastscan":
+        return fi.build_pq_fastscan(codebooks)
+    m, _, d = codebooks.shape
+    quantizer = faiss.IndexFlatL2(m * d)
+    quantizer.add(rng.standard_normal((nlist, m * d)).astype(np.float32))
+    index = faiss.IndexIVFPQFastScan(quantizer, m * d, nlist, m, 4)
+    index.by_residual = False
+    faiss.copy_array_to_vector(codebooks.ravel(), index.pq.centroids)
+    index.is_trained, index.own_fields = True, True
+    quantizer.this.disown()
+    return index
+
+
+def part_overhead(n_rows: int, root: str) -> list[dict]:
+    """Fixed bytes a lean part adds beyond its rows: the same rows as 20 and as 2,000 parts."""
+    import pyarrow as pa
+
+    from sscq_dist.indexing import faiss_index as fi
+    from sscq_dist.indexing.formats import (PART_META_SCHEMA, PartRows, SourceShard, manifest_bytes, part_files,
+                                            part_name, sha256_hex, version_loc, write_part)
+    from sscq_dist.storage import resolve
+
+    rng = np.random.default_rng(0)
+    codebooks = rng.standard_normal((8, 16, 16)).astype(np.float32)
+    x, _ = fi.synthetic_embeddings(codebooks, n_rows, 0.5, rng)
+    ids = rng.integers(0, 2 ** 62, n_rows, dtype=np.int64)
+    rows_in = np.arange(n_rows)
+    meta = pa.table({"label": [[int(i % 10)] for i in ids], "uri": [f"s3://bucket/images/{i}.jpg" for i in ids],
+                     "row_group": (rows_in % 10_000 // 1024).astype(np.int32),
+                     "row": (rows_in % 1024).astype(np.int32)}, schema=PART_META_SCHEMA)
+    out = []
+    for label, kind, nlist in OVERHEAD_KINDS:
+        trained = trained_index(kind, nlist, codebooks, rng)
+        trained_bytes = fi.serialize(trained)
+        codes, lists = fi.encode(trained, x)
+        total = {}
+        for n_parts in OVERHEAD_PARTS:
+            version = f"{kind}-{nlist}-{n_parts}"
+            vloc = version_loc(resolve(root), version)
+            entries, written = [], 0
+            for j, sel in enumerate(np.array_split(rows_in, n_parts)):
+                src = SourceShard(f"s3://bucket/images/part-{j:06d}.parquet", 300_000_000, f"{j:032x}")
+                rows = PartRows(ids[sel], codes[sel], None if lists is None else lists[sel], meta.take(sel))
+                rec = write_part(vloc, part_name(src.uri, src.etag), src, rows, len(sel), model_version=version,
+                                 codebook_checksum=fi.codebook_checksum(codebooks), index_type=kind,
+                                 coarse_checksum=sha256_hex(trained_bytes))
+                written += sum(os.path.getsize(os.path.join(root, "models", version, f))
+                               for f in part_files(rec.part))
+                entries.append(rec.entry())
+            # Each part's entry in the generation's manifests (the manifest list itself is O(manifests)).
+            total[n_parts] = written + len(manifest_bytes(entries))
+        few, many = OVERHEAD_PARTS
+        out.append({"kind": label, "rows": n_rows, "bytes_20": total[few], "bytes_2000": total[many],
+                    "fixed_bytes_per_part": (total[many] - total[few]) / (many - few),
+                    "trained_index_bytes": len(trained_bytes)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -206,11 +342,27 @@ def markdown(res: dict) -> str:
         ap = res["append"]
         st = ", ".join(f"{k} {v:.2f}" for k, v in ap["stages"].items() if k != "build_first_part")
         lines += ["", f"Append {ap['encoded_shards']} shards to the {ap['base_shards']}-shard version: "
-                      f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}."]
+                      f"{ap['wall_s']:.1f} s ({st}); ids read by the duplicate check: {ap['ids_checked']}; "
+                      f"metadata written besides the parts: {ap.get('metadata_written', 0):,} bytes."]
+    if res.get("commit"):
+        c = res["commit"]
+        lines += ["", f"One-part append to a {c['parts']:,}-part index (publish path: lock, manifest, manifest "
+                      f"list, CAS of CURRENT): {c['bytes']:,} bytes of metadata written besides the part "
+                      f"({len(c['files'])} files: {', '.join(c['files'])}), {c['manifests']} manifests, "
+                      f"{c['commit_s']:.2f} s."]
     if res.get("snapshot"):
         sn = res["snapshot"]
-        lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB, written in "
+        lines += ["", f"One snapshot of {sn['parts']:,} parts: {sn['bytes'] / 1e6:.1f} MB in "
+                      f"{sn.get('manifests', 0)} manifests and their manifest list, written in "
                       f"{sn['write_s']:.2f} s, read and type-checked in {sn['read_s']:.2f} s."]
+    if res.get("part_overhead"):
+        po = res["part_overhead"]
+        lines += ["", f"Fixed bytes per lean part ({po[0]['rows']:,} rows written as 20 and as 2,000 parts; part "
+                      "file + commit record + manifest entry):", "",
+                  "| index | bytes, 20 parts | bytes, 2,000 parts | fixed bytes per part | trained.index (once per "
+                  "version; the previous design copied it into every part) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {o['kind']} | {o['bytes_20']:,} | {o['bytes_2000']:,} | {o['fixed_bytes_per_part']:,.0f} | "
+                  f"{o['trained_index_bytes']:,} |" for o in po]
     lines += ["", "Stages of each full build (s): " + "; ".join(
         f"S={r['shards']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["build"]["stages"].items()
                                           if k != "build_first_part") for r in res["new"])]
@@ -259,11 +411,17 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         if S == max(a.shards) and a.append:
             write_shards(images, S, a.append, a.rows, rng)
+            before = file_states(root)
             ap = run_new(images, root, model, cfg)
-            res["append"] = {"base_shards": S, **ap}
+            res["append"] = {"base_shards": S, **ap, "metadata_written": written_since(before, root)["bytes"]}
             print(json.dumps(res["append"]), flush=True)
     if a.snapshot_parts:
         res["snapshot"] = snapshot_cost(a.snapshot_parts, os.path.join(a.out, "snapshot-only"))
+    if a.commit_parts:
+        res["commit"] = commit_cost(a.commit_parts, os.path.join(a.out, "commit-only"), cfg.index.manifest_max_parts)
+        print(json.dumps(res["commit"]), flush=True)
+    if a.overhead_rows:
+        res["part_overhead"] = part_overhead(a.overhead_rows, os.path.join(a.out, "part-overhead"))
     res["command"] = "python benchmarks/index_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["wall_s"] = time.perf_counter() - t_start
     bs.write_json(a.json, res)

@@ -15,7 +15,13 @@ snapshot roots holding the SAME rows: split into `--parts` A and B parts. Measur
   for A vs B parts; every HTTP answer is checked against the in-process answer;
 - memory: bytes a partition holds per served row (codes + ids + id order; accounted by
   structure, and as the RSS growth of loading it in this process) against the bytes of its
-  codes + ids, and the resident set of a partition replica.
+  codes + ids, and the resident set of a partition replica;
+- results without source reads (`--thumbs`, on by default, off in the smoke run): the same
+  rows over source shards on an S3 emulator (moto, in this process), parts carrying labels
+  and thumbnail references; QPS of `--concurrency` clients with labels on (/search) and
+  with labels + thumbnails (/search, then /thumb of its first result) against the same
+  service over parts without labels; and the source bytes one thumbnail reads (the
+  service's X-Source-Bytes-Read) against the shard's footer + one image column chunk.
 
 Writes <out>/serve_bench.json and prints a Markdown table.
 """
@@ -33,14 +39,14 @@ import urllib.request
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sscq_dist import storage  # noqa: E402
 from sscq_dist.indexing import faiss_index as fi  # noqa: E402
-from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, now_iso, open_current, part_files,  # noqa: E402
-                                        version_loc, write_current, write_snapshot)
+from sscq_dist.indexing.formats import (PART_META_SCHEMA, TRAINED_FILE, PartRows, Snapshot, SourceShard,  # noqa: E402
+                                        now_iso, open_current, sha256_hex, version_loc, write_current, write_part,
+                                        write_snapshot)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 10
@@ -73,40 +79,77 @@ def rows_block(codebooks: np.ndarray, lo: int, hi: int, seed: int, chunk: int = 
     return np.concatenate(out)
 
 
-def write_root(root_uri: str, codebooks: np.ndarray, rows: int, parts: int, model_dir: str, seed: int = 1) -> None:
-    """A snapshot of `rows` synthetic rows in `parts` parts (the same rows for any `parts`)."""
+def write_root(root_uri: str, codebooks: np.ndarray, rows: int, parts: int, model_dir: str, seed: int = 1,
+               sources: list = None) -> None:
+    """A snapshot of `rows` synthetic rows in `parts` lean parts (the same rows for any `parts`).
+
+    sources: per part (SourceShard, labels) of real source shards whose rows they are (row
+    groups of 1,024 rows); without, parts carry no label and a placeholder source."""
     root = storage.resolve(root_uri)
     if storage.exists(root.join("CURRENT")):
         return
     vloc = version_loc(root, "bench")
-    rng = np.random.default_rng(seed)
-    ids = rng.choice(2 ** 40, size=rows, replace=False).astype(np.int64)
+    trained_bytes = fi.serialize(fi.build_pq_fastscan(codebooks))
+    storage.atomic_write_bytes(vloc.join(TRAINED_FILE), trained_bytes)
+    trained = fi.deserialize(trained_bytes)
+    ids = bench_ids(rows, seed)
     bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
     entries, t0 = [], time.perf_counter()
     for s in range(parts):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
-        x = rows_block(codebooks, lo, hi, seed)
-        index = fi.build_pq_fastscan(codebooks)
-        fi.add(index, x, ids[lo:hi])
-        name = f"part-{s:05d}-{parts:016x}"
-        index_file, ids_file, _ = part_files(name)
-        data = fi.serialize(index)
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.table({"id": pa.array(ids[lo:hi], pa.int64()),
-                                 "uri": pa.array([f"bench://{i}" for i in ids[lo:hi]], pa.string())}), buf)
-        idmap = buf.getvalue().to_pybytes()  # no shard/row: results carry no label (nothing to read)
-        storage.atomic_write_bytes(vloc.join(index_file), data)
-        storage.atomic_write_bytes(vloc.join(ids_file), idmap)
-        entries.append(PartEntry(part=name, source=SourceShard(f"bench/src-{s:05d}.parquet", 1, "b"), rows=hi - lo,
-                                 indexed=hi - lo, dropped=0, id_min=int(ids[lo:hi].min()), id_max=int(ids[lo:hi].max()),
-                                 index_file=index_file, index_bytes=len(data), ids_file=ids_file, ids_bytes=len(idmap)))
+        codes, _ = fi.encode(trained, rows_block(codebooks, lo, hi, seed))
+        src, labels = sources[s] if sources else (SourceShard(f"bench/src-{s:05d}.parquet", 1, "b"), [None] * (hi - lo))
+        meta = pa.table({"label": labels, "uri": [f"bench://{i}" for i in ids[lo:hi]],
+                         "row_group": (np.arange(hi - lo) // 1024).astype(np.int32),
+                         "row": (np.arange(hi - lo) % 1024).astype(np.int32)}, schema=PART_META_SCHEMA)
+        rec = write_part(vloc, f"part-{s:05d}-{parts:016x}", src, PartRows(ids[lo:hi], codes, None, meta), hi - lo,
+                         model_version="bench", codebook_checksum=fi.codebook_checksum(codebooks),
+                         index_type="pq_fastscan", coarse_checksum=sha256_hex(trained_bytes))
+        entries.append(rec.entry())
     m = codebooks.shape[0]
     snap = Snapshot(generation=1, model_uri=model_dir, model_version="bench", codebook_checksum=fi.codebook_checksum(codebooks),
-                    bits=4 * m, M=m, K=16, index_type="pq_fastscan", index_params={}, coarse_checksum="",
-                    created_at=now_iso(), previous=None, writer="serve_bench", fence=0, parts=entries)
+                    bits=4 * m, M=m, K=16, index_type="pq_fastscan", index_params={},
+                    coarse_checksum=sha256_hex(trained_bytes), created_at=now_iso(), previous=None,
+                    writer="serve_bench", fence=0, parts=entries)
     write_snapshot(root, snap)
     write_current(root, snap.name)
     print(f"wrote {rows} rows in {parts} parts to {root_uri} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def bench_ids(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(2 ** 40, size=rows, replace=False).astype(np.int64)
+
+
+def write_s3_sources(bucket_uri: str, rows: int, parts: int, seed: int = 1) -> list:
+    """The bench rows as source shards on the S3 emulator (a small noise PNG each, a label,
+    row groups of 1,024 rows as ingest writes them); returns (SourceShard, labels) per part."""
+    import io
+
+    from PIL import Image
+
+    from sscq_dist.data.schema import IMAGE_SCHEMA
+    from sscq_dist.indexing.plan import stat_source_shard
+    from sscq_dist.ingest import table_bytes
+
+    rng = np.random.default_rng(seed)
+    pngs = []
+    for _ in range(256):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    ids = bench_ids(rows, seed)
+    bounds = np.linspace(0, rows, parts + 1).astype(np.int64)
+    out = []
+    for s in range(parts):
+        sl = ids[int(bounds[s]):int(bounds[s + 1])]
+        labels = [[int(i % 10)] for i in sl]
+        t = pa.table({"id": pa.array(sl, pa.int64()), "image": [pngs[int(i % 256)] for i in sl],
+                      "uri": [f"bench://{i}" for i in sl], "label": pa.array(labels, pa.list_(pa.int32()))},
+                     schema=IMAGE_SCHEMA)
+        loc = storage.resolve(f"{bucket_uri}/part-{s:05d}.parquet")
+        storage.atomic_write_bytes(loc, table_bytes(t))
+        out.append((stat_source_shard(loc), labels))
+    return out
 
 
 def free_port() -> int:
@@ -137,19 +180,17 @@ class PerPartLoop:
     """How the Searcher searched before partitions: every part in turn, then merge_topk."""
 
     def __init__(self, root_uri: str):
-        from sscq_dist.serving.partition import read_part_index
+        from sscq_dist.serving.partition import load_partition
 
         root = storage.resolve(root_uri)
         snap = open_current(root)
-        vloc = version_loc(root, snap.model_version)
-        self.parts = [read_part_index(vloc.join(p.index_file), None, snap.model_version, p.index_file, p.index_bytes)
-                      for p in snap.parts]
+        self.parts = [load_partition(root, snap, [p]) for p in snap.parts]  # one index per part
 
     def search(self, q: np.ndarray) -> np.ndarray:
         from sscq_dist.search import merge_topk
 
         res = [p.search(q[None], K) for p in self.parts]
-        return merge_topk([r[0] for r in res], [r[1] for r in res], K)[1][0]
+        return merge_topk([r.distances for r in res], [r.ids for r in res], K)[1][0]
 
 
 def http_json(url: str, emb: np.ndarray) -> list[int]:
@@ -159,7 +200,20 @@ def http_json(url: str, emb: np.ndarray) -> list[int]:
         return [x["id"] for x in json.loads(r.read())["results"]]
 
 
-def concurrent_qps(url: str, queries: np.ndarray, clients: int) -> float:
+def http_results(url: str, emb: np.ndarray) -> list[dict]:
+    req = urllib.request.Request(url + "search", data=json.dumps({"embedding": emb.tolist(), "k": K}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["results"]
+
+
+def http_thumb(url: str, image_id: int) -> tuple[int, int]:
+    """(PNG bytes, source bytes the service read for it) of one /thumb request."""
+    with urllib.request.urlopen(url + f"thumb/{image_id}", timeout=60) as r:
+        return len(r.read()), int(r.headers.get("X-Source-Bytes-Read", "-1"))
+
+
+def concurrent_qps(url: str, queries: np.ndarray, clients: int, thumbs: bool = False) -> float:
     idx = iter(range(len(queries)))
     lock = threading.Lock()
 
@@ -169,7 +223,10 @@ def concurrent_qps(url: str, queries: np.ndarray, clients: int) -> float:
                 i = next(idx, None)
             if i is None:
                 return
-            http_json(url, queries[i])
+            if thumbs:  # what the web page does: the results, then the first one's thumbnail
+                http_thumb(url, http_results(url, queries[i])[0]["id"])
+            else:
+                http_json(url, queries[i])
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -235,9 +292,11 @@ def main() -> int:
     p.add_argument("--work", default=".cache/serve_bench", help="folder for the synthetic roots and the model")
     p.add_argument("--out", default="benchmarks/results/serve")
     p.add_argument("--smoke", action="store_true", help="20,000 rows, 10 vs 100 parts, 200 queries (CI)")
+    p.add_argument("--thumbs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure labels and thumbnails over source shards on an S3 emulator (local Ray only)")
     a = p.parse_args()
     if a.smoke:
-        a.rows, a.parts, a.queries, a.concurrency = 20_000, [10, 100], 200, 4
+        a.rows, a.parts, a.queries, a.concurrency, a.thumbs = 20_000, [10, 100], 200, 4, False
         a.work = os.path.join(a.out, "work")
     os.makedirs(a.out, exist_ok=True)
     model_dir = os.path.abspath(os.path.join(a.work, "model"))
@@ -281,6 +340,13 @@ def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_setup as bs
 
+    if a.thumbs:  # before Ray starts: its workers inherit the emulator's endpoint
+        emulator = S3Emulator()
+        src_bucket = f"s3://bench-src-{os.getpid()}"
+        storage.s3fs_filesystem().call_s3("create_bucket", Bucket=src_bucket[5:])
+        roots["labels"] = os.path.abspath(os.path.join(a.work, f"rows{a.rows}-parts{a.parts[0]}-labels-{os.getpid()}"))
+        write_root(roots["labels"], codebooks, a.rows, a.parts[0], model_dir,
+                   sources=write_s3_sources(src_bucket, a.rows, a.parts[0]))
     for attempt in range(3):  # a busy machine can miss Ray's node start-up deadline; try again
         try:
             bs.start_ray(max(4, os.cpu_count() or 1), quiet=True)  # or joins the cluster RAY_ADDRESS names
@@ -319,9 +385,13 @@ def main() -> int:
                   f"{stats['qps_concurrent']:.0f} QPS at {a.concurrency} clients, identical answers {same:.3f}",
                   flush=True)
             serve.delete(f"bench-p{pp}-n{n}")
+        if a.thumbs:
+            res["results"] = results_run(a, roots, queries, port)
     finally:
         serve.shutdown()
         ray.shutdown()
+        if a.thumbs:
+            emulator.stop()
     small, big = str(a.parts[0]), str(a.parts[1])
     res["ratios"] = {
         "in_process_latency_big_vs_small": res["in_process"][big]["p50_ms"] / res["in_process"][small]["p50_ms"],
@@ -335,6 +405,76 @@ def main() -> int:
         json.dump(res, f, indent=1)
     print(markdown(res))
     return 0
+
+
+class S3Emulator:
+    """moto's S3 server on 127.0.0.1 in its own process (not competing with the client threads
+    for this process's GIL), with this process's env pointing at it."""
+
+    def __init__(self):
+        import subprocess
+
+        port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the S3 emulator did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def results_run(a, roots: dict, queries: np.ndarray, port: int) -> dict:
+    """QPS of `a.concurrency` clients: parts without labels vs with labels (/search) vs with labels
+    and thumbnails (/search + /thumb of the first result); source bytes one thumbnail reads."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from sscq_dist.config import load_config
+    from sscq_dist.serving.app import start_local
+
+    cfg = load_config(os.path.join(REPO, "configs", "digits.yaml"), [
+        "serve.partitions=1", "serve.partition_cpus=0.5", "serve.ingress_cpus=0.5", "serve.watch_interval_s=60",
+        f"serve.cache_dir={os.path.abspath(os.path.join(a.work, 'cache'))}"])
+    out = {}
+    for key, root in (("off", roots[a.parts[0]]), ("on", roots["labels"])):
+        url = start_local(root, cfg, port=port, host="127.0.0.1", name=f"bench-{key}", route_prefix=f"/{key}")
+        http_results(url, queries[0])  # warm
+        out[f"qps_search_labels_{key}"] = concurrent_qps(url, queries, a.concurrency)
+        if key == "on":
+            first = http_results(url, queries[1])
+            assert all(r["label"] is not None for r in first), first  # labels come from the parts
+            snap = open_current(storage.resolve(root))
+            reads = []
+            for j, entry in enumerate(snap.parts[:5]):  # one uncached thumbnail per source shard
+                loc = storage.resolve(entry.source.uri)
+                with loc.fs.open_input_file(loc.path) as fh:
+                    size = fh.size()
+                    footer = int.from_bytes(fh.read_at(8, size - 8)[:4], "little") + 8
+                    md = pq.ParquetFile(fh).metadata
+                g = min(j, md.num_row_groups - 1)
+                image = md.row_group(g).column(md.schema.names.index("image"))
+                ids = pq.read_table(os.path.join(root, "models", "bench", entry.index_file), columns=["id", "row_group"])
+                iid = int(ids.filter(pc.equal(ids.column("row_group"), g)).column("id")[0].as_py())
+                _, read = http_thumb(url, iid)
+                reads.append({"shard_bytes": size, "read": read, "footer": footer,
+                              "image_chunk": image.total_compressed_size})
+            out["thumb_reads"] = reads
+            out["qps_search_and_thumb_on"] = concurrent_qps(url, queries, a.concurrency, thumbs=True)
+        serve.delete(f"bench-{key}")
+    out["ratio_labels_on_vs_off"] = out["qps_search_labels_on"] / out["qps_search_labels_off"]
+    out["ratio_labels_and_thumbs_vs_off"] = out["qps_search_and_thumb_on"] / out["qps_search_labels_off"]
+    print(f"results: {json.dumps(out)}", flush=True)
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -353,6 +493,21 @@ def markdown(res: dict) -> str:
                      f"{s['qps_sequential']:.0f} | {s['qps_concurrent']:.0f} | {s['identical_to_in_process']:.3f} |")
     m = res["memory"]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
+    if res.get("results"):
+        r = res["results"]
+        lines += ["", f"Results without source reads ({res['concurrency']} clients, source shards on the S3 emulator):",
+                  "", "| run | QPS | vs no labels |", "|---|---:|---:|",
+                  f"| /search, parts without labels | {r['qps_search_labels_off']:.0f} | 1.00 |",
+                  f"| /search, labels from the parts | {r['qps_search_labels_on']:.0f} | "
+                  f"{r['ratio_labels_on_vs_off']:.2f} |",
+                  f"| /search + /thumb of the first result | {r['qps_search_and_thumb_on']:.0f} | "
+                  f"{r['ratio_labels_and_thumbs_vs_off']:.2f} |", "",
+                  "One uncached thumbnail, source bytes read (service's X-Source-Bytes-Read) vs the shard's footer "
+                  "+ one image column chunk: " + "; ".join(
+                      f"{t['read']:,} = {t['footer']:,} + {t['image_chunk']:,} of {t['shard_bytes']:,}"
+                      if t["read"] == t["footer"] + t["image_chunk"] else
+                      f"{t['read']:,} (footer cached: chunk {t['image_chunk']:,}) of {t['shard_bytes']:,}"
+                      for t in r["thumb_reads"])]
     lines += ["", f"memory per served row: accounted {m['accounted_per_row']:.2f} B; heap (RssAnon) growth "
                   f"{m['anon_growth_steady_per_row']:.2f} B steady, {m['anon_growth_first_load_per_row']:.2f} B first "
                   f"load; mapped id-map pages touched {m['file_pages_per_row']:.2f} B; vs codes + ids "

@@ -86,6 +86,10 @@ class DataConfig:
     max_drop_fraction: float = 0.01
     # Decoded pixels above this count are refused (decompression-bomb guard).
     max_image_pixels: int = 50_000_000
+    # Ingest cuts a shard's row groups at this many rows or this many image bytes, whichever
+    # comes first, so a thumbnail reads one small row group (one column chunk), not the shard.
+    row_group_rows: int = 1024
+    row_group_bytes: int = 8 * 1024 * 1024
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -223,6 +227,14 @@ class IndexConfig:
     # (readers that opened an older generation keep working this long; the current and
     # previous snapshots are always kept).
     gc_grace_s: float = 86400.0
+    # Newest generations of the CURRENT chain that garbage collection always keeps (>= 1).
+    gc_keep_generations: int = 2
+    # Keys per delete request (S3 DeleteObjects takes at most 1,000).
+    gc_delete_batch: int = 1000
+    # Run garbage collection after each reindex (`sscq reindex --no-gc` turns it off; `sscq gc` runs it alone).
+    gc_after_reindex: bool = True
+    # Part entries per manifest file (a snapshot is a manifest list over such files, reused across generations).
+    manifest_max_parts: int = 1000
 
 
 @dataclass
@@ -239,7 +251,7 @@ class ServeConfig:
     ingress_cpus: float = 1.0
     host: str = "127.0.0.1"
     port: int = 8000
-    # Local folder for part files, id maps and the memory-mapped lookup files.
+    # Local folder for part files and the memory-mapped row-metadata (lookup) files.
     cache_dir: str = ".cache/index"
     # (run time) Seconds between reads of CURRENT; a new snapshot serves within this plus its load time.
     watch_interval_s: float = 10.0
@@ -257,6 +269,11 @@ class ServeConfig:
     max_upload_bytes: int = 20_000_000
     # (run time) Longest side of a /thumb image in pixels (never upscaled).
     thumb_size: int = 128
+    # /thumb refuses (422) a row group whose image column chunk is larger than this instead of
+    # reading it (shards written by other tools may have one huge row group).
+    thumb_max_chunk_bytes: int = 64 * 1024 * 1024
+    # Thumbnails (PNG bytes) and shard footers kept in memory, bounded in MB.
+    thumb_cache_mb: float = 64.0
     # Serve health checks: how fast a dead replica is noticed and replaced.
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 10.0
@@ -351,6 +368,8 @@ def validate(cfg: Config) -> Config:
            f"must be in [0, 1], got {d.max_drop_fraction}")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", f"must be >= 0, got {d.prefetch_batches}")
     _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
+    for name in ("row_group_rows", "row_group_bytes"):
+        _check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
     for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
         v = getattr(a, name)
         _check(0.0 <= v <= 1.0, f"data.augment.{name}", f"probability must be in [0, 1], got {v}")
@@ -403,6 +422,10 @@ def validate(cfg: Config) -> Config:
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
     _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
     _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
+    _check(ix.gc_keep_generations >= 1, "index.gc_keep_generations", f"must be >= 1, got {ix.gc_keep_generations}")
+    _check(1 <= ix.gc_delete_batch <= 1000, "index.gc_delete_batch",
+           f"must be in [1, 1000] (S3 DeleteObjects limit), got {ix.gc_delete_batch}")
+    _check(ix.manifest_max_parts >= 1, "index.manifest_max_parts", f"must be >= 1, got {ix.manifest_max_parts}")
     st = cfg.storage
     _check(st.max_attempts >= 1, "storage.max_attempts", f"must be >= 1, got {st.max_attempts}")
     _check(st.retry_backoff_s >= 0, "storage.retry_backoff_s", f"must be >= 0, got {st.retry_backoff_s}")
@@ -423,6 +446,8 @@ def validate_serve(sv: ServeConfig) -> ServeConfig:
                  "health_check_timeout_s", "rate_limit_per_s", "request_timeout_s"):
         _check(getattr(sv, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(sv, name)}")
     _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
+    _check(sv.thumb_max_chunk_bytes >= 1, "serve.thumb_max_chunk_bytes", f"must be >= 1, got {sv.thumb_max_chunk_bytes}")
+    _check(sv.thumb_cache_mb >= 0, "serve.thumb_cache_mb", f"must be >= 0, got {sv.thumb_cache_mb}")
     _check(sv.partition_retries >= 0, "serve.partition_retries", f"must be >= 0, got {sv.partition_retries}")
     _check(sv.nprobe is None or sv.nprobe >= 1, "serve.nprobe", f"must be >= 1 or null, got {sv.nprobe}")
     _check(1 <= sv.port <= 65535, "serve.port", f"must be a TCP port, got {sv.port}")

@@ -21,10 +21,11 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from sscq_dist.config import StorageConfig
+from sscq_dist.config import DataConfig, StorageConfig
 from sscq_dist.data import dataset_record as dr
 from sscq_dist.data.schema import IMAGE_SCHEMA, SHARD_PREFIX, shard_files, validate_shards
 from sscq_dist.errors import SSCQError, StorageError
@@ -173,9 +174,29 @@ def records_to_table(records: Sequence[Record]) -> pa.Table:
     }, schema=IMAGE_SCHEMA)
 
 
-def table_bytes(table: pa.Table) -> bytes:
+def row_group_bounds(image_sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[int]:
+    """Row-group starts (plus the end) cutting at max_rows rows or max_bytes image bytes,
+    whichever comes first; a single image above max_bytes gets a group of its own."""
+    bounds, rows, size = [0], 0, 0
+    for i, n in enumerate(image_sizes):
+        if rows and (rows >= max_rows or size + n > max_bytes):
+            bounds.append(i)
+            rows, size = 0, 0
+        rows, size = rows + 1, size + n
+    if rows:
+        bounds.append(len(image_sizes))
+    return bounds
+
+
+def table_bytes(table: pa.Table, row_group_rows: int = DataConfig.row_group_rows,
+                row_group_bytes: int = DataConfig.row_group_bytes) -> bytes:
+    """One shard as Parquet, in small row groups (a thumbnail reads one row group of one column)."""
+    sizes = pc.binary_length(table.column("image")).fill_null(0).to_numpy(zero_copy_only=False)
+    bounds = row_group_bounds(sizes.tolist(), row_group_rows, row_group_bytes)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
     return sink.getvalue().to_pybytes()
 
 
@@ -185,7 +206,7 @@ def shard_name(i: int) -> str:
 
 def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int, overwrite: bool,
                  total: Optional[int] = None, progress: bool = True, check_duplicates: bool = True,
-                 source: str = "") -> IngestSummary:
+                 source: str = "", data_cfg: Optional[DataConfig] = None) -> IngestSummary:
     """Stream records into `part-NNNNN.parquet` shards under dest; each shard appears whole.
 
     The prefix is marked as being written (`_writing.json`) before the first shard, and the
@@ -200,6 +221,7 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
 
     if rows_per_shard < 1:
         raise SSCQError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    data_cfg = data_cfg or DataConfig()
     listing = list_files(dest)
     existing = shard_files(dest, listing)
     unfinished = any(i.base_name == dr.MARKER for i in listing)
@@ -215,7 +237,7 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
                mininterval=1.0)
 
     def flush() -> None:
-        data = table_bytes(records_to_table(buf))
+        data = table_bytes(records_to_table(buf), data_cfg.row_group_rows, data_cfg.row_group_bytes)
         name = shard_name(len(entries))
         if not entries:  # marked before the first shard: a source that fails earlier leaves dest as it was
             atomic_write_bytes(dest.join(dr.MARKER), dr.marker_bytes(source))
@@ -252,8 +274,11 @@ def write_shards(records: Iterator[Record], dest: Location, rows_per_shard: int,
 
 def ingest(source: str, dest_uri: str, rows_per_shard: int = 10_000, overwrite: bool = False,
            source_path: Optional[str] = None, splits: Sequence[str] = ("train", "test"),
-           storage: Optional[StorageConfig] = None, progress: bool = True) -> list[IngestSummary]:
-    """Ingest one source into dest_uri; returns one summary per written prefix."""
+           storage: Optional[StorageConfig] = None, progress: bool = True,
+           data_cfg: Optional[DataConfig] = None) -> list[IngestSummary]:
+    """Ingest one source into dest_uri; returns one summary per written prefix.
+
+    data_cfg: row-group limits of the written shards (data.row_group_rows / row_group_bytes)."""
     dest = resolve(dest_uri, storage)
     with_retries(lambda: dest.fs.get_file_info(dest.path), f"reach {dest.uri}", storage)
     out: list[IngestSummary] = []
@@ -261,23 +286,24 @@ def ingest(source: str, dest_uri: str, rows_per_shard: int = 10_000, overwrite: 
         for split in splits:
             recs = digits_records(split)
             out.append(write_shards(iter(recs), dest.join(split), rows_per_shard, overwrite, len(recs), progress,
-                                    source=f"digits (scikit-learn), split {split}"))
+                                    source=f"digits (scikit-learn), split {split}", data_cfg=data_cfg))
     elif source == "fashion_mnist":
         directory = source_path or FASHION_MNIST_DIR
         for split in splits:
             total = 60_000 if split == "train" else 10_000
             out.append(write_shards(fashion_mnist_records(split, directory), dest.join(split), rows_per_shard,
-                                    overwrite, total, progress, source=f"fashion_mnist {directory}, split {split}"))
+                                    overwrite, total, progress, source=f"fashion_mnist {directory}, split {split}",
+                                    data_cfg=data_cfg))
     elif source == "folder":
         if not source_path:
             raise SSCQError("--source folder needs --source-path DIR")
         out.append(write_shards(folder_records(source_path), dest, rows_per_shard, overwrite, None, progress,
-                                source=f"folder {source_path}"))
+                                source=f"folder {source_path}", data_cfg=data_cfg))
     elif source == "parquet":
         if not source_path:
             raise SSCQError("--source parquet needs --source-path URI")
         out.append(write_shards(parquet_records(source_path, storage), dest, rows_per_shard, overwrite, None, progress,
-                                source=f"parquet {source_path}"))
+                                source=f"parquet {source_path}", data_cfg=data_cfg))
     else:
         raise SSCQError(f"unknown --source {source!r} (digits, fashion_mnist, folder, parquet)")
     return out

@@ -1,7 +1,7 @@
 """One typed-record loader: a JSON/YAML mapping -> a dataclass, or one error line naming the key.
 
 Used by the config loader and every on-disk record the package reads (index part records,
-snapshots, legacy manifests), so every such error reads the same: "<where> key 'a.b': <problem>". Field types understood: bool, int, float, str, dict, Any, Optional[X], list[X]
+snapshots), so every such error reads the same: "<where> key 'a.b': <problem>". Field types understood: bool, int, float, str, dict, Any, Optional[X], list[X]
 and nested dataclasses. Unknown keys are refused when `strict` (a typo must not be ignored)
 and tolerated otherwise (a newer writer may add fields an older reader does not know).
 

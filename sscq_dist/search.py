@@ -1,15 +1,16 @@
 """Answer nearest-neighbour queries over every part of the snapshot CURRENT names, in process.
 
-`Searcher.open(root)` reads `<root>/CURRENT`, that snapshot, its part files and id maps
-(SPEC section 3; formats in `sscq_dist.indexing.formats`), optionally through a local cache
-so a restart reads no part bytes from object storage again, and merges every part into one
-in-memory index: the same partition code the search service runs (`sscq_dist.serving`),
+`Searcher.open(root)` reads `<root>/CURRENT`, that snapshot, the version's trained index and
+its lean part files (SPEC section 3; formats in `sscq_dist.indexing.formats`), optionally
+through a local cache so a restart reads no part bytes from object storage again, and
+merges every part's codes into one in-memory index: the same partition code the search service runs (`sscq_dist.serving`),
 here as a single partition, so per-query cost does not grow with the number of parts. A
 searcher holds what it opened: it keeps answering from that snapshot while a reindex
 publishes the next generation, and sees the new one only when opened again.
 
 Answers are canonical (the k smallest (distance, id) pairs), so they equal what the
-partitioned service answers for the same query.
+partitioned service answers for the same query. Uris and labels come from the parts: a
+search never reads the source images.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class SearchResult:
     """ids (Q, k) int64 (-1 = fewer than k results), distances (Q, k) float32 (squared L2,
-    inf where no result), uris: Q lists of k uri strings (None when unknown)."""
+    inf where no result), uris and labels: Q lists of k values from the parts (None when
+    unknown; a label is a list of ints)."""
 
     ids: np.ndarray
     distances: np.ndarray
     uris: list[list[Optional[str]]]
+    labels: list[list[Optional[list]]] = None
 
 
 # --------------------------------------------------------------------------- merge
@@ -100,7 +103,7 @@ class Searcher:
              codebooks: Optional[np.ndarray] = None, snapshot: Optional[str] = None) -> "Searcher":
         """Open the snapshot named by <root>/CURRENT (or `snapshot`, '<version>/<generation>').
 
-        cache_dir: local directory keeping part and id-map files between opens;
+        cache_dir: local directory keeping part files between opens;
         nprobe: overrides the IVF nprobe stored in the index; codebooks (M, K, d): when
         given, refused unless they match the snapshot's checksum (the query encoder must
         be the model that built the index).
@@ -115,7 +118,7 @@ class Searcher:
         return cls(part, root_uri=root.uri, encoder=encoder)
 
     def lookup_uris(self, ids: np.ndarray) -> list[list[Optional[str]]]:
-        """(Q, k) int64 ids -> uris (None for -1 or an id absent from the id maps)."""
+        """(Q, k) int64 ids -> uris (None for -1 or an id absent from the parts)."""
         ids = np.asarray(ids, dtype=np.int64)
         infos = self.partition.row_info(self.partition.positions_of(ids))
         k = ids.shape[1]
@@ -130,8 +133,9 @@ class Searcher:
             raise ValueError(f"queries must be (Q, {self.dim}) embeddings, got {tuple(q.shape)}")
         hits = self.partition.search(q, k)
         infos = self.partition.row_info(hits.positions)
-        uris = [[i.uri for i in infos[r * k:(r + 1) * k]] for r in range(q.shape[0])]
-        return SearchResult(ids=hits.ids, distances=hits.distances, uris=uris)
+        rows = [infos[r * k:(r + 1) * k] for r in range(q.shape[0])]
+        return SearchResult(ids=hits.ids, distances=hits.distances, uris=[[i.uri for i in row] for row in rows],
+                            labels=[[i.label for i in row] for row in rows])
 
     def search_images(self, images: np.ndarray, k: int) -> SearchResult:
         """Encode images with the searcher's encoder, then search."""

@@ -332,7 +332,3 @@ def delete(loc: Location) -> None:
     else:
         with_retries(lambda: loc.fs.delete_file(loc.path), f"delete {loc.uri}", loc.storage)
 
-
-def ensure_dir(loc: Location) -> None:
-    if not loc.is_s3:
-        loc.fs.create_dir(loc.path, recursive=True)

@@ -257,3 +257,21 @@ class DenyingEndpoint:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def record_s3_requests(monkeypatch, detail) -> list:
+    """From now on, every S3 request the storage layer makes is appended to the returned list
+    as (operation name, detail(request params)), counted at the S3 client (real requests)."""
+    from sscq_dist import storage
+
+    calls: list = []
+    original = storage.s3fs_filesystem
+
+    def counting(cfg=None):
+        fs = original(cfg)
+        fs.connect()
+        fs.s3.meta.events.register("before-parameter-build.s3",
+                                   lambda params, model, **kw: calls.append((model.name, detail(params))))
+        return fs
+    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    return calls

@@ -170,6 +170,9 @@ def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path, 
     ap = res["append"]
     assert ap["encoded_shards"] == 2 and ap["rows"] == res["new"][-1]["build"]["rows"] + 2 * res["rows_per_shard"]
     assert res["snapshot"]["parts"] == 1000 and res["snapshot"]["read_s"] < 30
+    # A lean part's fixed bytes (20 vs 2,000 parts of the same rows) stay under 4 KB whatever nlist is.
+    assert [o["kind"] for o in res["part_overhead"]] == ["flat", "IVF nlist 1,024", "IVF nlist 16,384"]
+    assert all(o["fixed_bytes_per_part"] < 4096 for o in res["part_overhead"]), res["part_overhead"]
 
 
 def test_serve_load_smoke_survives_a_swap_and_a_killed_replica(tmp_path, ray_local):

@@ -13,7 +13,7 @@ from conftest import REPO
 from fault_helpers import assert_one_error_line, job_env
 
 SSCQ = os.path.join(os.path.dirname(sys.executable), "sscq")
-PIPELINE = ["ingest", "train", "evaluate", "promote", "reindex", "search", "serve", "demo"]
+PIPELINE = ["ingest", "train", "evaluate", "promote", "reindex", "gc", "search", "serve", "demo"]
 # What the quiet default must keep off the terminal (issue 16's list, plus any library log line).
 NOISE = [
     r"PlacementGroupCleaner", r"Failed to query Ray Train Controller", r"concurrency",

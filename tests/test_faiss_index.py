@@ -54,6 +54,25 @@ def test_codes_faiss_assigns_equal_model_argmin_codes(kind, m):
 
 
 @pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
+def test_encode_with_the_trained_index_gives_what_add_stores(kind):
+    """A lean part holds fi.encode's codes: the model's argmin codes, and for IVF the list FAISS's add picks."""
+    codebooks = make_codebooks(8)
+    x, ids = make_data(codebooks, 3000)
+    trained = build(kind, codebooks, x)
+    codes, lists = fi.encode(trained, x)
+    np.testing.assert_array_equal(fi.unpack_codes(codes, 8), fi.assign_codes(x, codebooks))
+    assert trained.ntotal == 0  # encoding does not add
+    if kind == "ivf_pq_fastscan":
+        from faiss.contrib.inspect_tools import get_invlist
+
+        fi.add(trained, x, ids)
+        where = {int(i): n for n in range(trained.nlist) for i in get_invlist(trained.invlists, n)[0]}
+        assert [where[int(i)] for i in ids] == lists.tolist()
+    else:
+        assert lists is None
+
+
+@pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
 def test_serialize_round_trip_keeps_codes_ids_and_results(kind):
     codebooks = make_codebooks(8)
     x, ids = make_data(codebooks, 2000)

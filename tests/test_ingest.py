@@ -121,3 +121,24 @@ def test_folder_and_reshard(tmp_path):
     out = ingest("parquet", str(tmp_path / "r"), rows_per_shard=10, source_path=str(tmp_path / "f"), progress=False)
     assert out[0].shards == 1
     assert sorted(_read_all(str(tmp_path / "r"))[0].column("id").to_pylist()) == ids1
+
+
+def test_shards_are_cut_into_row_groups_by_rows_or_image_bytes(tmp_path):
+    """A thumbnail reads one row group: ingest cuts them at data.row_group_rows rows or
+    data.row_group_bytes image bytes, whichever comes first (config fields)."""
+    from sscq_dist.config import load_config
+
+    cfg = load_config(None, ["data.row_group_rows=300"])
+    ingest("digits", str(tmp_path / "rows"), rows_per_shard=1000, splits=["all"], progress=False, data_cfg=cfg.data)
+    md = pq.ParquetFile(tmp_path / "rows" / "all" / "part-00000.parquet").metadata
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [300, 300, 300, 100]
+    cfg = load_config(None, ["data.row_group_bytes=20000"])
+    ingest("digits", str(tmp_path / "bytes"), rows_per_shard=1000, splits=["all"], progress=False, data_cfg=cfg.data)
+    pf = pq.ParquetFile(tmp_path / "bytes" / "all" / "part-00000.parquet")
+    sizes = [sum(map(len, pf.read_row_group(g, columns=["image"]).column("image").to_pylist()))
+             for g in range(pf.metadata.num_row_groups)]
+    assert pf.metadata.num_rows == 1000 and len(sizes) > 3 and max(sizes) <= 20000 and min(sizes[:-1]) > 19000
+    # The defaults: 1,024 rows (tiny digits never reach 8 MB).
+    ingest("digits", str(tmp_path / "default"), rows_per_shard=5000, splits=["all"], progress=False)
+    md = pq.ParquetFile(tmp_path / "default" / "all" / "part-00000.parquet").metadata
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [1024, 773]

@@ -1,8 +1,6 @@
 """The index-root lock: one writer per root, lease expiry, takeover, fencing (local and S3 roots)."""
 
 import json
-import os
-import threading
 import time
 import uuid
 
@@ -53,7 +51,7 @@ def test_second_acquire_refused_with_holder(root):
     # released on exit: B can take it now
     with IndexLock(root, "reindex-B", ttl_s=60):
         pass
-    assert not storage.exists(root.join("lock"))
+    assert _released(root)
 
 
 def test_expired_lock_taken_over_and_old_owner_cannot_release(root):
@@ -66,7 +64,7 @@ def test_expired_lock_taken_over_and_old_owner_cannot_release(root):
         a.refresh()
     assert json.loads(storage.read_bytes(root.join("lock")))["owner"] == "reindex-B"
     b.release()
-    assert not storage.exists(root.join("lock"))
+    assert _released(root)
 
 
 def test_refresh_extends_the_lease(root):
@@ -86,21 +84,42 @@ def test_unreadable_lock_is_treated_as_expired(tmp_path):
     root = storage.resolve(str(tmp_path))
     storage.write_bytes(root.join("lock"), b"garbage")
     with IndexLock(root, "reindex-A", ttl_s=60) as lock:
-        assert lock.held
-    assert not os.path.exists(tmp_path / "lock")
+        assert lock.held and lock.fence == 1  # the unreadable lock's counter is lost: it restarts
+    assert _released(root)
+
+
+def _released(root) -> bool:
+    """Release keeps the lock object (its fence counter must survive) and marks it released."""
+    data = json.loads(storage.read_bytes(root.join("lock")))
+    return data["released"] is True and data["expires_at"] == 0
 
 
 def test_s3_lock_create_is_a_conditional_put(s3_root):
-    """The S3 endpoint refuses a second exclusive PUT, and the lock reads that as 'held'
-    (so acquire relies on the store, not on a check-then-write race)."""
-    from sscq_dist.indexing import lock as lock_mod
+    """The S3 endpoint refuses a second exclusive PUT and a PUT on a stale etag, and both read
+    as a conflict (so acquire relies on the store, not on a check-then-write race)."""
+    from sscq_dist.indexing import conditional
 
     lock = IndexLock(storage.resolve(s3_root), "reindex-A", ttl_s=60).acquire()
-    s3, (bucket, key) = lock_mod._s3(lock.loc)
+    s3, bucket, key = conditional._s3(lock.loc)
     with pytest.raises(OSError) as err:
         s3.call_s3("put_object", Bucket=bucket, Key=key, Body=b"{}", IfNoneMatch="*")
-    assert lock_mod._classify(err.value) == "held"
+    assert conditional.classify(err.value) == "conflict"
+    with pytest.raises(OSError) as err:
+        s3.call_s3("put_object", Bucket=bucket, Key=key, Body=b"{}", IfMatch='"0123456789abcdef0123456789abcdef"')
+    assert conditional.classify(err.value) == "conflict"
     lock.release()
+
+
+def test_forced_takeover_leaves_the_old_writer_a_stale_fence(root):
+    """A live lease forcibly taken over: the fence grows by one, and the old holder's fencing
+    check names the new holder and both fences."""
+    a = IndexLock(root, "reindex-A", ttl_s=60).acquire()
+    b = IndexLock(root, "reindex-B", ttl_s=60).acquire(force=True)
+    assert b.fence == a.fence + 1
+    with pytest.raises(IndexError_, match=rf"^lost the index lock to reindex-B \(fence {b.fence} > ours {a.fence}\); "
+                                          r"stopped without publishing$"):
+        a.ensure_held()
+    b.release()
 
 
 # --------------------------------------------------------------------------- fencing
@@ -154,8 +173,9 @@ def test_heartbeat_that_cannot_reach_storage_stops_the_writer(tmp_path):
     root = storage.resolve(str(tmp_path / "root"))
     lock = IndexLock(root, "reindex-A", ttl_s=0.6).acquire()
     lock.start_heartbeat()
-    os.remove(tmp_path / "root" / "lock")
-    os.rmdir(tmp_path / "root")
+    import shutil
+
+    shutil.rmtree(tmp_path / "root")  # the lock and its guard file
     (tmp_path / "root").write_text("not a directory")  # every lease write now fails
     deadline = time.time() + 5
     while not lock._lost.is_set() and time.time() < deadline:
@@ -172,6 +192,6 @@ def test_fencing_tokens_grow_across_acquisitions(root):
     assert b.fence > a.fence
     b.release()
     c = IndexLock(root, "reindex-C", ttl_s=60).acquire()  # after a release: still larger
-    assert c.fence > b.fence
+    assert a.fence == 1 and b.fence == 2 and c.fence == 3  # a counter, not a clock
     assert json.loads(storage.read_bytes(root.join("lock")))["fence"] == c.fence
     c.release()

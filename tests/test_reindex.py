@@ -1,4 +1,4 @@
-"""Scale-out reindex: parts built on workers, snapshots, plan by one listing, ids, GC, migration.
+"""Scale-out reindex: lean parts built on workers, snapshots, plan by one listing, ids, GC, old formats.
 
 Kill tests (driver at three points, an encoder actor mid-part) and the lock takeover are in
 tests/test_reliability.py.
@@ -14,18 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from fault_helpers import assert_one_error_line, job_env, random_model_dir, run_job
+from fault_helpers import assert_one_error_line, job_env, random_model_dir, record_s3_requests, run_job
 from sscq_dist import storage
 from sscq_dist.data.schema import IMAGE_SCHEMA
 from sscq_dist.encoding import encode_set
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.build import BuildJob, build_parts
-from sscq_dist.indexing.formats import (list_generations, read_current, read_snapshot, snapshot_loc)
+from sscq_dist.indexing.formats import list_generations, read_current, read_snapshot, snapshot_loc, version_loc
 from sscq_dist.indexing.job import run_reindex
 from sscq_dist.indexing.lock import IndexLock
 from sscq_dist.indexing.plan import list_source_shards
 from sscq_dist.indexing.reindex import encode_config, model_version, reindex
+from sscq_dist.indexing.trained import ensure_trained_index
 from sscq_dist.ingest import ingest, png_bytes
 from sscq_dist.registry import load_model
 from sscq_dist.search import Searcher
@@ -112,12 +113,22 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
     own_top1 = np.mean([stored[int(res.ids[q, 0])] == stored[int(enc.ids[q])] for q in range(200)])
     assert own_top5 >= 0.9 and own_top1 >= 0.75, (own_top5, own_top1)
     assert res.uris[0][0].startswith("sklearn:digits/")
-    # The id maps carry the source shard and row of every id (thumbnails read them back).
+    # A part file carries per id its label, uri and exact place in the source (row group, row):
+    # results show them without reading the source, thumbnails read back that one row.
     part = searcher.snapshot.parts[3]
-    t = pq.read_table(os.path.join(root, "models", model.version, part.ids_file))
-    src = pq.read_table(part.source.uri, columns=["id"]).column("id").to_pylist()
-    assert set(t.column("shard").to_pylist()) == {part.source.uri}
-    assert [src[r] for r in t.column("row").to_pylist()] == t.column("id").to_pylist()
+    t = pq.read_table(os.path.join(root, "models", model.version, part.index_file))
+    assert t.column_names == ["id", "code", "label", "uri", "row_group", "row"]
+    src = pq.ParquetFile(part.source.uri)
+    at = [src.read_row_group(g, columns=["id", "label", "uri"]).slice(r, 1).to_pylist()[0]
+          for g, r in zip(t.column("row_group").to_pylist(), t.column("row").to_pylist())]
+    assert [a["id"] for a in at] == t.column("id").to_pylist()
+    assert [a["label"] for a in at] == t.column("label").to_pylist() and at[0]["label"] is not None
+    assert [a["uri"] for a in at] == t.column("uri").to_pylist()
+    src_all = pa.concat_tables([pq.read_table(os.path.join(images, f), columns=["id", "label"])
+                                for f in sorted(os.listdir(images)) if f.startswith("part-")])
+    label_of = dict(zip(src_all.column("id").to_pylist(), src_all.column("label").to_pylist()))
+    assert [[label_of[i] for i in row] for row in res.ids.tolist()] == res.labels  # labels of results, from parts
+    assert os.path.exists(os.path.join(root, "models", model.version, "trained.index"))
     m = json.loads(open(os.path.join(root, "models", model.version, "index_metrics.json")).read())
     assert m["recall@10"] >= 0.95 and m["rows"] == 1797 and m["snapshot"] == summary.snapshot
     # Nothing changed: nothing to do, and no new generation.
@@ -144,8 +155,8 @@ def test_ivf_fastscan_codes_and_recall(trained, model, images, tmp_path, ray_loc
         stored.update(zip(i.tolist(), map(bytes, c)))
     assert all(stored[i] == bytes(c) for i, c in zip(enc.ids.tolist(), enc.codes))
     assert metrics["recall@10"] >= 0.95
-    # Every part shares the one coarse quantizer stored beside the parts.
-    trained_q = fi.deserialize(open(os.path.join(root, "models", model.version, "ivf-trained.index"), "rb").read())
+    # The served index uses the version's one coarse quantizer (trained.index); parts hold none.
+    trained_q = fi.deserialize(open(os.path.join(root, "models", model.version, "trained.index"), "rb").read())
     q = fi.faiss.downcast_index(trained_q.quantizer)
     for part in s.parts:
         pq_ = fi.faiss.downcast_index(part.quantizer)
@@ -164,9 +175,11 @@ def test_build_stage_returns_records_only_and_driver_memory_stays_flat(tmp_path,
         folder = tmp_path / f"r{rows}"
         write_image_shards(str(folder), 3, rows, seed=rows)
         todo = list_source_shards(resolve(str(folder)))
+        vloc = version_loc(resolve(str(tmp_path / f"idx{rows}")), model_version(loaded))
+        trained_sha, _ = ensure_trained_index(vloc, todo, random_model, enc_cfg, loaded.codebooks)
         job = BuildJob(root_uri=str(tmp_path / f"idx{rows}"), model_uri=random_model,
                        version=model_version(loaded), codebook_checksum=fi.codebook_checksum(loaded.codebooks),
-                       index_type="pq_fastscan", coarse_checksum="", cfg_dict=enc_cfg.to_dict())
+                       index_type="pq_fastscan", coarse_checksum=trained_sha, cfg_dict=enc_cfg.to_dict())
         tracemalloc.start()
         result = build_parts(todo, job, enc_cfg, progress=False)
         _, peak = tracemalloc.get_traced_memory()
@@ -190,16 +203,8 @@ def test_s3_plan_is_one_listing_and_append_publishes_a_new_generation(trained, m
     assert first.encoded_shards == 6 and first.total_rows == 1500 and first.snapshot.endswith("/00000001")
     g1 = read_snapshot(resolve(root), first.snapshot)
     # "Nothing to do" costs one listing of the sources and no read of any source shard.
-    calls = []
     original = storage.s3fs_filesystem
-
-    def counting(cfg_=None):
-        fs = original(cfg_)
-        fs.connect()
-        fs.s3.meta.events.register("before-parameter-build.s3", lambda params, model, **kw: calls.append(
-            (model.name, params.get("Key") or params.get("Prefix") or "")))
-        return fs
-    monkeypatch.setattr(storage, "s3fs_filesystem", counting)
+    calls = record_s3_requests(monkeypatch, lambda params: params.get("Key") or params.get("Prefix") or "")
     again = reindex(src + "/train", root, f"models:/sscq/{model.version}", cfg, loaded=model)
     monkeypatch.setattr(storage, "s3fs_filesystem", original)
     assert again.nothing_to_do
@@ -298,6 +303,61 @@ def test_duplicate_id_across_two_shards_is_one_error_line_naming_both(tmp_path, 
     assert read_current(resolve(str(tmp_path / "index"))) is None
 
 
+def test_id_check_counts_planted_duplicates_and_returns_at_most_20_examples(tmp_path, ray_local):
+    """The hash join runs on Ray tasks over the parts' id columns: 30 ids planted in a second part
+    are all counted, and the driver gets 20 examples, each naming a real shared id."""
+    from sscq_dist.config import StorageConfig
+    import pyarrow as pa
+
+    from sscq_dist.indexing.formats import PART_META_SCHEMA, PartEntry, PartRows, SourceShard, part_bytes
+    from sscq_dist.indexing.id_check import MAX_EXAMPLES, find_duplicates
+
+    rng = np.random.default_rng(7)
+    vloc = resolve(str(tmp_path / "v"))
+    all_ids = rng.choice(2 ** 62, size=3000, replace=False).astype(np.int64)
+    chunks = [all_ids[:1000], all_ids[1000:2000], np.concatenate([all_ids[2000:2970], all_ids[100:130]])]
+    parts = []
+    for n, ids in enumerate(chunks):
+        meta = pa.table({"label": pa.nulls(len(ids), PART_META_SCHEMA.field("label").type),
+                         "uri": pa.nulls(len(ids), pa.string()), "row_group": np.zeros(len(ids), np.int32),
+                         "row": np.arange(len(ids), dtype=np.int32)}, schema=PART_META_SCHEMA)
+        data = part_bytes(PartRows(ids, np.zeros((len(ids), 4), np.uint8), None, meta))
+        storage.atomic_write_bytes(vloc.join(f"p{n}.parquet"), data)
+        parts.append(PartEntry(part=f"p{n}", source=SourceShard(f"s{n}", 1, "e"), rows=len(ids), indexed=len(ids),
+                               dropped=0, id_min=int(ids.min()), id_max=int(ids.max()), index_file=f"p{n}.parquet",
+                               index_bytes=len(data)))
+    count, examples = find_duplicates(vloc, parts, StorageConfig())
+    assert count == 30 and len(examples) == MAX_EXAMPLES == 20
+    planted = set(all_ids[100:130].tolist())
+    assert all(i in planted and {a.part, b.part} == {"p0", "p2"} for i, a, b in examples)
+    assert find_duplicates(vloc, parts[:2], StorageConfig()) == (0, [])
+
+
+def test_a_bad_shard_is_skipped_named_and_retried_next_run(tmp_path, random_model, ray_local):
+    """One truncated shard among four: the other three publish, the snapshot records it as
+    skipped with its reason, the summary names it; once the shard is fixed, the next run
+    builds it (and only it) and the snapshot has nothing skipped."""
+    cfg = small_cfg(tmp_path)
+    folder = tmp_path / "src"
+    write_image_shards(str(folder), 4, 20, seed=11)
+    bad = folder / "part-00002.parquet"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 2])
+    root = str(tmp_path / "index")
+    s = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert s.flipped and s.total_shards == 3 and s.total_rows == 60
+    assert [k.source.uri for k in s.skipped] == [str(bad)] and "not a readable Parquet file" in s.skipped[0].reason
+    assert "1 source shard(s) skipped" in s.skipped_line() and str(bad) in s.skipped_line()
+    snap = read_snapshot(resolve(root), s.snapshot)
+    assert [k.source.uri for k in snap.skipped] == [str(bad)]
+    again = reindex(str(folder), root, random_model, cfg, progress=False)  # still bad: nothing new to publish
+    assert not again.flipped and again.snapshot == s.snapshot and len(again.skipped) == 1
+    bad.write_bytes(good_bytes)
+    fixed = reindex(str(folder), root, random_model, cfg, progress=False)
+    assert fixed.flipped and fixed.encoded_shards == 1 and fixed.total_rows == 80 and fixed.skipped == []
+    assert read_snapshot(resolve(root), fixed.snapshot).skipped == []
+
+
 def test_unique_random_ids_pass_and_disjoint_ranges_skip_the_pass(tmp_path, random_model, ray_local):
     cfg = small_cfg(tmp_path)
     write_image_shards(str(tmp_path / "rand"), 4, 30, seed=4)
@@ -305,7 +365,7 @@ def test_unique_random_ids_pass_and_disjoint_ranges_skip_the_pass(tmp_path, rand
     assert s.total_rows == 120 and s.ids_checked == 120  # overlapping ranges: every id read once
     write_image_shards(str(tmp_path / "seq"), 4, 30, ids=np.arange(120))
     s = reindex(str(tmp_path / "seq"), str(tmp_path / "i2"), random_model, cfg, progress=False)
-    assert s.total_rows == 120 and s.ids_checked == 0  # disjoint ranges: no id map read at all
+    assert s.total_rows == 120 and s.ids_checked == 0  # disjoint ranges: no part file read at all
 
 
 # --------------------------------------------------------------------------- snapshots and GC
@@ -368,25 +428,16 @@ def test_gc_respects_the_grace_period(tmp_path, random_model, ray_local):
 # --------------------------------------------------------------------------- old layout
 
 
-def test_old_layout_root_is_served_then_migrated(tmp_path, random_model, images, ray_local):
-    """A root written before snapshots (manifest.json, CURRENT = bare version) is still served;
-    the next reindex rebuilds it in the snapshot layout and flips without downtime."""
-    from test_search import write_legacy_root
-
+def test_a_root_of_the_previous_part_format_is_refused_with_the_rebuild_message(tmp_path, random_model, images):
+    """Schema 2 (a FAISS index + an id map per part) is neither appended to nor served."""
     cfg = small_cfg(tmp_path)
-    new = reindex(images, str(tmp_path / "new"), random_model, cfg, progress=False)
-    srch = Searcher.open(str(tmp_path / "new"), cfg.storage)
-    cb = load_model(random_model).codebooks
-    ids, codes = map(np.concatenate, zip(*[fi.index_codes(p) for p in srch.parts]))
-    x = cb[np.arange(cb.shape[0])[None, :], codes].reshape(len(ids), -1)  # each row = its own codewords
-    old_root = str(tmp_path / "old")
-    write_legacy_root(old_root, cb, x, ids, [f"sklearn:digits/{i}" for i in ids], version=new.model_version)
-    legacy = Searcher.open(old_root, cfg.storage)
-    assert legacy.version == new.model_version and legacy.ntotal == 1797
-    migrated = reindex(images, old_root, random_model, cfg, progress=False)
-    assert migrated.migrated and migrated.flipped and migrated.snapshot == f"{new.model_version}/00000001"
-    assert read_snapshot(resolve(old_root), migrated.snapshot).previous == new.model_version
-    q = x[:30]
-    a, b = Searcher.open(old_root, cfg.storage).search(q, 5), legacy.search(q, 5)
-    np.testing.assert_array_equal(a.distances, b.distances)
-    assert os.path.exists(os.path.join(old_root, "models", new.model_version, "manifest.json"))  # previous: kept
+    root = resolve(str(tmp_path / "old"))
+    version = model_version(load_model(random_model))
+    storage.atomic_write_bytes(snapshot_loc(root, version, 1), json.dumps({"schema_version": 2, "generation": 1,
+                                                                          "parts": []}).encode())
+    storage.atomic_write_bytes(root.join("CURRENT"), f"{version}/00000001\n".encode())
+    for attempt in (lambda: reindex(images, root.uri, random_model, cfg, progress=False),
+                    lambda: Searcher.open(root.uri, cfg.storage)):
+        with pytest.raises(IndexError_, match=r"older index format \(schema 2.*rebuild it: run the reindex into a "
+                                              "new --index-root"):
+            attempt()

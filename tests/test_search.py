@@ -1,17 +1,22 @@
-"""Search over index parts: merge equals one index; Searcher opens snapshots on local and S3 roots,
-and still serves a root written in the pre-snapshot manifest.json layout."""
+"""Search over lean index parts: merge equals one index and the per-part FAISS indices of the
+previous design; Searcher opens snapshots on local and S3 roots; roots written in an older
+layout are refused with the rebuild message."""
 
+import json
 import uuid
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_, StorageError
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, idmap_bytes, now_iso, parse_idmap,
-                                        part_files, version_loc, write_current, write_snapshot)
+from sscq_dist.indexing.formats import (PART_META_SCHEMA, TRAINED_FILE, PartRows, Snapshot, SourceShard, now_iso,
+                                        parse_part, part_bytes, part_files, sha256_hex, snapshot_loc, version_loc,
+                                        read_snapshot, write_current, write_part, write_snapshot)
 from sscq_dist.search import Searcher, merge_topk
+from sscq_dist.records import to_plain
 
 M = 8
 
@@ -36,7 +41,7 @@ def empty_index(kind, c, x, nprobe=8):
 
 
 def shard_indices(kind, c, x, ids, n_shards):
-    """What the encoding job does: one trained empty index, copied per shard."""
+    """The previous design: one trained empty index, copied per shard, each a whole FAISS index."""
     template = fi.serialize(empty_index(kind, c, x))
     parts = np.array_split(np.arange(len(x)), n_shards)
     shards = []
@@ -47,36 +52,43 @@ def shard_indices(kind, c, x, ids, n_shards):
     return shards, parts
 
 
-def write_root(root_uri, kind, c, x, ids, uris, n_shards=3, version="5", generation=1):
-    """A snapshot the way a reindex publishes it: part files, then the snapshot, then CURRENT."""
+def write_root(root_uri, kind, c, x, ids, uris, n_shards=3, version="5", generation=1, labels=None):
+    """A snapshot the way a reindex publishes it: trained.index once, lean parts (codes assigned
+    by FAISS with it), then the snapshot, then CURRENT. labels: one list (or None) per row."""
     root = storage.resolve(root_uri)
     vloc = version_loc(root, version)
-    shards, parts = shard_indices(kind, c, x, ids, n_shards)
+    trained_bytes = fi.serialize(empty_index(kind, c, x))
+    storage.atomic_write_bytes(vloc.join(TRAINED_FILE), trained_bytes)
+    trained = fi.deserialize(trained_bytes)
     entries = []
-    for s, (index, p) in enumerate(zip(shards, parts)):
-        name = f"part-{s:05d}-0123456789abcdef"
-        index_file, ids_file, _ = part_files(name)
-        data = fi.serialize(index)
-        idmap = idmap_bytes(ids[p], [uris[i] for i in p], f"src/part-{s:05d}.parquet", np.arange(len(p)))
-        storage.atomic_write_bytes(vloc.join(index_file), data)
-        storage.atomic_write_bytes(vloc.join(ids_file), idmap)
-        entries.append(PartEntry(part=name, source=SourceShard(f"src/part-{s:05d}.parquet", 1, "x"), rows=len(p),
-                                 indexed=len(p), dropped=0, id_min=int(ids[p].min()), id_max=int(ids[p].max()),
-                                 index_file=index_file, index_bytes=len(data), ids_file=ids_file,
-                                 ids_bytes=len(idmap)))
+    for s, p in enumerate(np.array_split(np.arange(len(x)), n_shards)):
+        codes, lists = fi.encode(trained, x[p])
+        meta = pa.table({"label": [labels[i] for i in p] if labels is not None else [None] * len(p),
+                         "uri": [uris[i] for i in p], "row_group": np.zeros(len(p), np.int32),
+                         "row": np.arange(len(p), dtype=np.int32)}, schema=PART_META_SCHEMA)
+        rec = write_part(vloc, f"part-{s:05d}-0123456789abcdef", SourceShard(f"src/part-{s:05d}.parquet", 1, "x"),
+                         PartRows(ids[p], codes, lists, meta), len(p), model_version=version,
+                         codebook_checksum=fi.codebook_checksum(c), index_type=kind,
+                         coarse_checksum=sha256_hex(trained_bytes))
+        entries.append(rec.entry())
     snap = Snapshot(generation=generation, model_uri="models:/sscq/5", model_version=version,
                     codebook_checksum=fi.codebook_checksum(c), bits=4 * M, M=M, K=16, index_type=kind,
-                    index_params={}, coarse_checksum="", created_at=now_iso(), previous=None, writer="test",
-                    fence=1, parts=entries)
+                    index_params={}, coarse_checksum=sha256_hex(trained_bytes), created_at=now_iso(), previous=None,
+                    writer="test", fence=1, parts=entries)
     write_snapshot(root, snap)
     write_current(root, snap.name)
     return root
 
 
 def read_parts_of(root, snap):
-    """The FAISS index of every part a snapshot lists, read as stored."""
+    """(ids, codes (n, M)) of every part a snapshot lists, read as stored."""
     vloc = version_loc(root, snap.model_version)
-    return [fi.deserialize(storage.read_bytes(vloc.join(p.index_file))) for p in snap.parts]
+    out = []
+    for p in snap.parts:
+        rows = parse_part(storage.read_bytes(vloc.join(p.index_file)), p.index_file,
+                          ivf=snap.index_type == "ivf_pq_fastscan")
+        out.append((rows.ids, fi.unpack_codes(rows.codes, snap.M)))
+    return out
 
 
 def write_legacy_root(root_uri, c, x, ids, uris, version="5", complete=True):
@@ -146,19 +158,48 @@ def test_merge_topk_pads_missing_results():
     np.testing.assert_array_equal(ids, [[10, 11, -1]])
 
 
-def test_idmap_round_trip():
-    data = idmap_bytes(np.array([3, 1, 2]), ["a", None, "c"], "s3://b/src/part-00007.parquet", np.array([0, 4, 5]))
-    t = parse_idmap(data, "mem")
-    assert t.column("id").to_pylist() == [3, 1, 2] and t.column("uri").to_pylist() == ["a", None, "c"]
-    assert t.column("shard").to_pylist() == ["s3://b/src/part-00007.parquet"] * 3
-    assert t.column("row").to_pylist() == [0, 4, 5]
+def test_part_file_round_trip_and_errors():
+    meta = pa.table({"label": [[1, 2], None, [3]], "uri": ["a", None, "c"], "row_group": [0, 0, 1], "row": [0, 4, 0]},
+                    schema=PART_META_SCHEMA)
+    codes = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    data = part_bytes(PartRows(np.array([3, 1, 2]), codes, np.array([7, 0, 7]), meta))
+    back = parse_part(data, "mem", ivf=True)
+    assert back.ids.tolist() == [3, 1, 2] and back.lists.tolist() == [7, 0, 7]
+    np.testing.assert_array_equal(back.codes, codes)
+    assert back.meta.column("label").to_pylist() == [[1, 2], None, [3]]
+    assert back.meta.column("uri").to_pylist() == ["a", None, "c"]
+    assert back.meta.column("row_group").to_pylist() == [0, 0, 1] and back.meta.column("row").to_pylist() == [0, 4, 0]
+    with pytest.raises(IndexError_, match="part file mem: missing column 'list'"):
+        parse_part(part_bytes(PartRows(back.ids, codes, None, meta)), "mem", ivf=True)
+    with pytest.raises(IndexError_, match="part file bad: not a readable Parquet file"):
+        parse_part(b"nope", "bad", ivf=False)
+
+
+@pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
+def test_answers_equal_the_per_part_faiss_indices_of_the_previous_design(tmp_path, kind):
+    """Same model and rows: lean parts merged into the one trained index answer the ids and
+    distances that whole per-part FAISS indices (the previous part format) merged by top-k gave."""
+    c = codebooks()
+    x, ids, uris = dataset(c, 4000)
+    write_root(str(tmp_path / "index"), kind, c, x, ids, uris, n_shards=4)
+    s = Searcher.open(str(tmp_path / "index"), nprobe=32)
+    old_parts, _ = shard_indices(kind, c, x, ids, 4)
+    for index in old_parts:
+        fi.set_nprobe(index, 32)
+    queries, _ = fi.synthetic_embeddings(c, 60, 0.5, np.random.default_rng(5))
+    for q in queries:
+        got = s.search(q[None], 10)
+        old = [p.search(q[None], 10) for p in old_parts]
+        d_old, i_old = merge_topk([r[0] for r in old], [r[1] for r in old], 10)
+        assert_same_topk(got.distances, got.ids, d_old, i_old)
 
 
 @pytest.mark.parametrize("kind", ["pq_fastscan", "ivf_pq_fastscan"])
 def test_searcher_local_root(tmp_path, kind):
     c = codebooks()
     x, ids, uris = dataset(c, 3000)
-    write_root(str(tmp_path / "index"), kind, c, x, ids, uris)
+    labels = [[int(i % 10), 7] if i % 3 else None for i in ids]
+    write_root(str(tmp_path / "index"), kind, c, x, ids, uris, labels=labels)
     s = Searcher.open(str(tmp_path / "index"), nprobe=32)
     # The three parts are merged into one in-memory index (one partition).
     assert s.ntotal == 3000 and len(s.snapshot.parts) == 3 and len(s.parts) == 1 and s.version == "5/00000001"
@@ -166,8 +207,10 @@ def test_searcher_local_root(tmp_path, kind):
     assert res.ids.shape == (40, 5) and res.distances.shape == (40, 5)
     assert (res.ids[:, 0] == ids[:40]).mean() > 0.9  # a stored vector finds itself
     uri_of = dict(zip(ids.tolist(), uris))
-    for row_ids, row_uris in zip(res.ids, res.uris):
+    label_of = dict(zip(ids.tolist(), labels))
+    for row_ids, row_uris, row_labels in zip(res.ids, res.uris, res.labels):
         assert row_uris == [uri_of[i] for i in row_ids]
+        assert row_labels == [label_of[i] for i in row_ids]  # from the parts: no source shard exists here
     assert any(u is None for row in res.uris for u in row)  # null uris come back as None
     if kind == "ivf_pq_fastscan":
         assert all(sh.nprobe == 32 for sh in s.parts)
@@ -206,9 +249,6 @@ def test_searcher_errors_name_the_problem(tmp_path):
     storage.atomic_write_bytes(root.join("CURRENT"), b"5/00000002\n")  # a generation never written
     with pytest.raises(IndexError_, match="snapshot 5/00000002 does not exist"):
         Searcher.open(str(tmp_path / "gone"))
-    write_legacy_root(str(tmp_path / "inc"), c, x, ids, uris, complete=False)
-    with pytest.raises(IndexError_, match="incomplete"):
-        Searcher.open(str(tmp_path / "inc"))
     root = write_root(str(tmp_path / "trunc"), "pq_fastscan", c, x, ids, uris, n_shards=1)
     part = version_loc(root, "5").join(part_files("part-00000-0123456789abcdef")[0])
     storage.write_bytes(part, storage.read_bytes(part)[:-10])  # truncated after the snapshot
@@ -216,16 +256,36 @@ def test_searcher_errors_name_the_problem(tmp_path):
         Searcher.open(str(tmp_path / "trunc"))
 
 
-def test_legacy_manifest_root_is_still_served(tmp_path):
+def write_schema2_root(root_uri, c, x, ids, uris):
+    """The previous snapshot layout (schema 2): per part a FAISS index with its own codebook copy
+    (<part>.index) and an id map (<part>.ids.parquet), listed by a schema-2 snapshot."""
+    root = write_root(root_uri, "pq_fastscan", c, x, ids, uris, n_shards=2)
+    vloc = version_loc(root, "5")
+    loc = snapshot_loc(root, "5", 1)
+    snap = json.loads(storage.read_bytes(loc))
+    # Schema 2 listed its parts inline (no manifests).
+    snap.pop("manifests", None)
+    snap["parts"] = [to_plain(p) for p in read_snapshot(root, "5/00000001").parts]
+    shards, _ = shard_indices("pq_fastscan", c, x, ids, 2)
+    for p, index in zip(snap["parts"], shards):
+        data = fi.serialize(index)
+        storage.atomic_write_bytes(vloc.join(f"parts/{p['part']}.index"), data)
+        p.update(index_file=f"parts/{p['part']}.index", index_bytes=len(data), ids_file=f"parts/{p['part']}.ids.parquet",
+                 ids_bytes=1)
+    snap["schema_version"] = 2
+    storage.atomic_write_bytes(loc, json.dumps(snap).encode())
+    return root
+
+
+def test_old_layout_roots_are_refused_with_the_rebuild_message(tmp_path):
     c = codebooks()
     x, ids, uris = dataset(c, 1000)
-    write_legacy_root(str(tmp_path / "old"), c, x, ids, uris)
-    write_root(str(tmp_path / "new"), "pq_fastscan", c, x, ids, uris, n_shards=2)
-    old, new = Searcher.open(str(tmp_path / "old")), Searcher.open(str(tmp_path / "new"))
-    assert old.version == "5" and old.snapshot.legacy and old.ntotal == 1000
-    a, b = old.search(x[:50], 10), new.search(x[:50], 10)
-    assert_same_topk(a.distances, a.ids, b.distances, b.ids)
-    assert a.uris == b.uris
+    write_legacy_root(str(tmp_path / "manifest"), c, x, ids, uris)
+    write_schema2_root(str(tmp_path / "schema2"), c, x, ids, uris)
+    for name, found in (("manifest", "manifest.json layout"), ("schema2", "schema 2: a FAISS index and an id map")):
+        with pytest.raises(IndexError_, match=f"older index format \\(.*{found}.*rebuild it: run the reindex into a new "
+                                              "--index-root"):
+            Searcher.open(str(tmp_path / name))
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +318,10 @@ def test_searcher_s3_root_second_open_reads_from_cache(s3_root, tmp_path, kind):
     cache = str(tmp_path / "cache")
     first = Searcher.open(s3_root, cache_dir=cache)
     want = first.search(x[:30], 10)
-    # Remove every part and id-map object: only the cache can serve them now.
+    # Remove every part object: only the cache can serve them now.
     vloc = version_loc(root, "5")
     for p in first.snapshot.parts:
         storage.delete(vloc.join(p.index_file))
-        storage.delete(vloc.join(p.ids_file))
     second = Searcher.open(s3_root, cache_dir=cache)
     got = second.search(x[:30], 10)
     np.testing.assert_array_equal(got.ids, want.ids)

@@ -10,6 +10,7 @@ a new champion is indexed and swapped in under a continuous client load.
 import dataclasses
 import io
 import os
+import shutil
 import signal
 import threading
 import time
@@ -97,13 +98,16 @@ def service(trained, ray_local, tmp_path_factory):
                      retain_previous_s=5.0, cache_dir=str(work / "cache"), health_check_period_s=1.0)
     cfg = dataclasses.replace(trained["cfg"], serve=sv)
     root = str(work / "index")
+    # The service's own copy of the source shards: tests rename and rewrite it.
+    source = str(work / "src")
+    shutil.copytree(cfg.data.train_uri, source)
     model_uri = f"models:/sscq/{trained['result'].version}"
     t0 = time.perf_counter()
-    summary = reindex(cfg.data.train_uri, root, model_uri, cfg, progress=False)
+    summary = reindex(source, root, model_uri, cfg, progress=False)
     assert summary.total_shards == 3 and summary.total_rows == 1500
     url = start_local(root, cfg, port=free_port(), host="127.0.0.1")
     print(f"service up in {time.perf_counter() - t0:.0f}s (reindex + start) at {url}")
-    yield {"url": url, "root": root, "cfg": cfg, "work": work, "ref": InProcess(root, cfg)}
+    yield {"url": url, "root": root, "cfg": cfg, "work": work, "ref": InProcess(root, cfg), "source": source}
     serve.shutdown()
 
 
@@ -191,10 +195,36 @@ def test_thumbnails_labels_health_and_samples(service):
     label_of = dict(zip(db_ids, db_labels))
     image_of = dict(zip(db_ids, db_imgs))
     for r in ans["results"]:
-        assert r["label"] == label_of[r["id"]]  # read back from the source shard by (shard, row)
+        assert r["label"] == label_of[r["id"]] is not None  # from the part, written by the build
         st, ctype, png = get(url + f"thumb/{r['id']}")
         assert st == 200 and ctype == "image/png"
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(image_of[r["id"]]))))
+    # /search never touches the source: with the source folder gone, labels and uris still come back.
+    source, moved = service["source"], service["source"] + "-moved"
+    os.rename(source, moved)
+    try:
+        st, gone = post_image(url, db_imgs[7], K)
+        assert st == 200 and gone["results"] == ans["results"], gone
+        st, _, body = get(url + f"thumb/{ans['results'][0]['id']}")
+        assert st == 404 and b"source shard not found" in body
+    finally:
+        os.rename(moved, source)
+    # A rewritten source shard (same name, new etag) answers 410, never another image.
+    first = ans["results"][0]["id"]
+    shard = next(os.path.join(source, f) for f in sorted(os.listdir(source)) if f.startswith("part-")
+                 and first in pq.read_table(os.path.join(source, f), columns=["id"]).column("id").to_pylist())
+    st0 = os.stat(shard)
+    data = open(shard, "rb").read()
+    time.sleep(0.01)
+    with open(shard, "wb") as f:
+        f.write(data)
+    try:
+        st, _, body = get(url + f"thumb/{first}")
+        assert st == 410 and b"rewritten after it was indexed" in body, body
+    finally:
+        os.utime(shard, ns=(st0.st_atime_ns, st0.st_mtime_ns))  # the indexed etag again (mtime + size)
+    st, _, _ = get(url + f"thumb/{first}")
+    assert st == 200
     st, _, body = get(url + "healthz")
     assert st == 200 and b'"status":"ok"' in body
     st, _, body = get(url + "samples?n=4")

@@ -5,4 +5,4 @@ and optionally `config_overrides(args)` (flags that are shorthands for config ke
 import the heavy libraries inside `run`, so `sscq --help` stays fast.
 """
 
-PIPELINE = ("ingest", "train", "evaluate", "promote", "reindex", "search", "serve", "demo")
+PIPELINE = ("ingest", "train", "evaluate", "promote", "reindex", "gc", "search", "serve", "demo")

@@ -29,6 +29,7 @@ def run(a: argparse.Namespace, cfg: Config) -> int:
     from sscq_dist.ingest import ingest
 
     for s in ingest(a.source, a.dest, a.rows_per_shard, a.overwrite, a.source_path,
-                    [x for x in a.splits.split(",") if x], cfg.storage, progress=not a.no_progress):
+                    [x for x in a.splits.split(",") if x], cfg.storage, progress=not a.no_progress,
+                    data_cfg=cfg.data):
         CONSOLE.line(s.line())
     return 0

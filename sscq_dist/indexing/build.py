@@ -1,9 +1,10 @@
 """Build step of a reindex: one source shard -> one committed part, on Ray Data actors.
 
-Worker side (`PartBuilder`, one model load per actor): read the shard in row-group batches
-(memory bounded by a batch plus the part's codes and ids), decode, encode, add to a FAISS
-fast-scan part, then write the part file, its id map and last its commit record, each
-atomically. It returns only the record (a few hundred bytes): the driver never receives
+Worker side (`PartBuilder`, one model load per actor): read the shard row group by row group
+in batches (memory bounded by a batch plus the part's codes and row metadata), decode,
+embed, assign codes with the version's trained index (`trained.index`: FAISS's own
+encoder, no codebook copy in the part), then write the lean part file (id, code, [list],
+label, uri, row group, row) and last its commit record, each atomically. It returns only the record (a few hundred bytes): the driver never receives
 embeddings, so the driver's work per image is zero and adding nodes adds throughput.
 
 Exactly once without a coordinator: the part's name derives from the source uri + etag, so
@@ -21,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sscq_dist import storage
 from sscq_dist.config import Config, from_dict
@@ -30,9 +30,10 @@ from sscq_dist.data.schema import check_schema
 from sscq_dist.errors import IndexError_, SchemaError, SSCQError, StorageError
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
-from sscq_dist.indexing.formats import (IVF_TRAINED_FILE, SCHEMA_VERSION, PartRecord, SourceShard, idmap_bytes, now_iso,
-                                        parse_part_record, part_files, part_name, sha256_hex, version_loc,
-                                        write_part_record)
+from sscq_dist.indexing.formats import (PART_META_SCHEMA, SCHEMA_VERSION, PartRecord, PartRows, SourceShard,
+                                        parse_part_record, part_files, part_name, version_loc, write_part)
+from sscq_dist.indexing.source_read import read_row_groups
+from sscq_dist.indexing.trained import read_trained_index
 from sscq_dist.records import record_json
 from sscq_dist.storage import Location, resolve
 
@@ -54,7 +55,7 @@ class BuildJob:
     version: str
     codebook_checksum: str
     index_type: str
-    coarse_checksum: str  # sha256 of ivf-trained.index, "" for exhaustive
+    coarse_checksum: str  # sha256 of the version's trained.index
     cfg_dict: dict  # the job's config with the model's architecture and input size
 
 
@@ -68,12 +69,8 @@ class PartBuilder:
                                     use_gpu=self.cfg.index.use_gpu)
         root = resolve(self.job.root_uri, self.cfg.storage)
         self.vloc = version_loc(root, self.job.version)
-        self.codebooks = self.encoder.codebooks
-        self._coarse: Optional[bytes] = None
-        if self.job.index_type == "ivf_pq_fastscan":
-            self._coarse = storage.read_bytes(self.vloc.join(IVF_TRAINED_FILE))
-            if sha256_hex(self._coarse) != self.job.coarse_checksum:
-                raise IndexError_(f"{self.vloc.join(IVF_TRAINED_FILE).uri} changed during the reindex")
+        # One trained empty index per actor: codes are assigned with it, never added to it.
+        self.trained = read_trained_index(self.vloc, self.job.coarse_checksum, self.job.index_type)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"part": [], "record": [], "resumed": [], "error": [], "error_kind": []}
@@ -96,14 +93,9 @@ class PartBuilder:
 
     # ------------------------------------------------------------------ one shard
 
-    def _empty_index(self):
-        if self._coarse is not None:
-            return fi.deserialize(self._coarse)
-        return fi.build_pq_fastscan(self.codebooks)
-
     def _committed(self, part: str, src: SourceShard) -> Optional[PartRecord]:
         """The existing record if it commits this very shard with this model and whole files."""
-        loc = self.vloc.join(part_files(part)[2])
+        loc = self.vloc.join(part_files(part)[1])
         try:
             rec = parse_part_record(storage.read_bytes(loc), loc.uri)
         except storage.NotFound:
@@ -114,68 +106,71 @@ class PartBuilder:
                 and rec.index_type == self.job.index_type and rec.coarse_checksum == self.job.coarse_checksum)
         if not same:
             return None
-        for name, size in ((rec.index_file, rec.index_bytes), (rec.ids_file, rec.ids_bytes)):
-            f = self.vloc.join(name)
-            info = storage.with_retries(lambda f=f: f.fs.get_file_info(f.path), f"stat {f.uri}", f.storage)
-            if info.size != size:
-                return None
-        return rec
+        f = self.vloc.join(rec.index_file)
+        info = storage.with_retries(lambda: f.fs.get_file_info(f.path), f"stat {f.uri}", f.storage)
+        return rec if info.size == rec.index_bytes else None
 
     def build(self, part: str, src: SourceShard) -> PartRecord:
         loc = resolve(src.uri, self.cfg.storage)
         try:
-            index, ids, uris, rows, n_rows = storage.with_retries(lambda: self._encode(loc), f"read {loc.uri}",
-                                                                  loc.storage)
+            rows, n_rows = self._encode(loc)
         except FileNotFoundError:
             raise StorageError(f"{src.uri}: not found (removed after the listing?); rerun the reindex") from None
         except PermissionError as exc:
             raise StorageError(f"{src.uri}: permission denied ({exc})") from None
+        ids = rows.ids
         if len(ids) != len(np.unique(ids)):
             uniq, counts = np.unique(ids, return_counts=True)
             dup = int(uniq[counts > 1][0])
             raise IndexError_(f"{src.uri}: id {dup} appears {int(counts.max())} times in the shard; "
                               "ids must be unique over the collection")
-        index_file, ids_file, _ = part_files(part)
-        index_data = fi.serialize(index)
-        ids_data = idmap_bytes(ids, uris, src.uri, rows)
-        # Files first, record last: a record exists only for a whole part.
-        storage.atomic_write_bytes(self.vloc.join(index_file), index_data)
-        storage.atomic_write_bytes(self.vloc.join(ids_file), ids_data)
-        rec = PartRecord(part=part, source=src, rows=n_rows, indexed=len(ids), dropped=n_rows - len(ids),
-                         id_min=int(ids.min()) if len(ids) else 0, id_max=int(ids.max()) if len(ids) else -1,
-                         index_file=index_file, index_bytes=len(index_data), ids_file=ids_file,
-                         ids_bytes=len(ids_data), index_sha256=sha256_hex(index_data),
-                         ids_sha256=sha256_hex(ids_data), model_version=self.job.version,
-                         codebook_checksum=self.job.codebook_checksum, index_type=self.job.index_type,
-                         coarse_checksum=self.job.coarse_checksum, created_at=now_iso())
-        write_part_record(self.vloc, rec)
-        return rec
+        return write_part(self.vloc, part, src, rows, n_rows, model_version=self.job.version,
+                          codebook_checksum=self.job.codebook_checksum, index_type=self.job.index_type,
+                          coarse_checksum=self.job.coarse_checksum)
 
-    def _encode(self, loc: Location):
-        """Read one shard batch by batch into a fresh part: (index, ids, uris, row numbers, source rows)."""
-        index = self._empty_index()
-        ids, uris, rows = [], [], []
+    def _encode(self, loc: Location) -> tuple[PartRows, int]:
+        """Read one shard row group by row group, in batches: (the part's rows, source rows)."""
+        ids, codes, lists, metas = [], [], [], []
         n_rows = 0
         try:
-            with loc.fs.open_input_file(loc.path) as fh:
-                pf = pq.ParquetFile(fh)
-                check_schema(pf.schema_arrow, loc.uri)
-                cols = ["id", "image"] + (["uri"] if "uri" in pf.schema_arrow.names else [])
-                for rb in pf.iter_batches(batch_size=self.cfg.index.encode_batch_size, columns=cols):
-                    b_ids = rb.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
-                    f, ok = self.encoder.embed(rb.column("image").to_pylist())
-                    if ok.any():
-                        fi.add(index, f[ok], b_ids[ok])
-                        ids.append(b_ids[ok])
-                        rows.append(n_rows + np.nonzero(ok)[0])
-                        u = rb.column("uri") if "uri" in cols else pa.nulls(rb.num_rows, pa.string())
-                        uris.append(u.filter(pa.array(ok)))
-                    n_rows += rb.num_rows
+            # Each footer / row-group read is retried on its own (source_read.py), not the whole shard.
+            cols = lambda sch: ["id", "image"] + [c for c in ("uri", "label") if c in sch.names]  # noqa: E731
+            group, in_group = -1, 0
+            for g, rb in read_row_groups(loc, cols, self.cfg.index.encode_batch_size,
+                                         lambda sch: check_schema(sch, loc.uri)):
+                if g != group:
+                    group, in_group = g, 0
+                b_ids = rb.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+                f, ok = self.encoder.embed(rb.column("image").to_pylist())
+                if ok.any():
+                    c, li = fi.encode(self.trained, f[ok])
+                    keep = pa.array(ok)
+                    ids.append(b_ids[ok])
+                    codes.append(c)
+                    lists.append(li)
+                    metas.append(pa.table({
+                        "label": _column(rb, "label", PART_META_SCHEMA.field("label").type).filter(keep),
+                        "uri": _column(rb, "uri", pa.string()).filter(keep),
+                        "row_group": pa.array(np.full(int(ok.sum()), g, np.int32)),
+                        "row": pa.array((in_group + np.nonzero(ok)[0]).astype(np.int32)),
+                    }, schema=PART_META_SCHEMA))
+                in_group += rb.num_rows
+                n_rows += rb.num_rows
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise SchemaError(f"{loc.uri}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-        uri_arr = pa.concat_arrays([u.cast(pa.string()) for u in uris]) if uris else pa.array([], pa.string())
-        return index, cat(ids, np.int64), uri_arr, cat(rows, np.int64), n_rows
+        if not ids:  # nothing decoded: an empty part of the right code width
+            c, li = fi.encode(self.trained, np.zeros((0, self.trained.d), np.float32))
+            ids, codes, lists, metas = [np.zeros(0, np.int64)], [c], [li], [PART_META_SCHEMA.empty_table()]
+        rows = PartRows(ids=np.concatenate(ids), codes=np.concatenate(codes),
+                        lists=None if lists[0] is None else np.concatenate(lists), meta=pa.concat_tables(metas))
+        return rows, n_rows
+
+
+def _column(rb: pa.RecordBatch, name: str, tp: pa.DataType) -> pa.Array:
+    """A source column cast to the part's type, or nulls when the shard has no such column."""
+    if name in rb.schema.names:
+        return rb.column(name).cast(tp)
+    return pa.nulls(rb.num_rows, tp)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -189,6 +184,7 @@ class BuildResult:
     built: int = 0  # shards encoded by this run
     resumed: int = 0  # shards a killed earlier run had already committed
     errors: list[tuple[str, str]] = field(default_factory=list)  # (error class name, message) per bad shard
+    failed_parts: list[str] = field(default_factory=list)  # the part name of each entry in `errors`
     ids_checked: int = 0  # ids the duplicate check read (0 when the parts' id ranges are disjoint)
     built_rows: int = 0  # source rows of the shards built by this run
     first_record_s: float = 0.0  # seconds until the first record arrived (actor start-up, model load)
@@ -219,6 +215,7 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
             lock.raise_if_lost()
         if row["error"]:
             result.errors.append((str(row["error_kind"]), str(row["error"])))
+            result.failed_parts.append(str(row["part"]))
             continue
         if not result.first_record_s:
             result.first_record_s = time.perf_counter() - t0

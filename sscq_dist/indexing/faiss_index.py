@@ -161,6 +161,29 @@ def add(index: faiss.Index, embeddings: np.ndarray, ids: np.ndarray) -> None:
     index.add_with_ids(x, i)
 
 
+def encode(trained: faiss.Index, embeddings: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """FAISS's own encoding by a trained (empty) index, without adding to it.
+
+    trained: IDMap(PQFastScan) or IVFPQFastScan (by_residual = False); embeddings: (N, D).
+    Returns (packed PQ codes (N, code_size) uint8 in the nbits=4 layout, IVF list numbers
+    (N,) int64 or None): exactly what `add` would store, so a part can hold codes only.
+    """
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != trained.d:
+        raise ValueError(f"embeddings must be (N, {trained.d}), got {tuple(x.shape)}")
+    if isinstance(trained, faiss.IndexIVFPQFastScan):
+        if trained.by_residual:
+            raise ValueError("IVF parts need by_residual = False (codes of the embedding, not of a residual)")
+        pq = trained.pq
+        lists = trained.quantizer.assign(x, 1)[:, 0].astype(np.int64) if len(x) else np.zeros(0, np.int64)
+    else:
+        base = faiss.downcast_index(trained.index) if isinstance(trained, (faiss.IndexIDMap, faiss.IndexIDMap2)) \
+            else trained
+        pq, lists = base.pq, None
+    codes = pq.compute_codes(x) if len(x) else np.zeros((0, pq.code_size), np.uint8)
+    return codes, lists
+
+
 def _unpack_blocks(packer: faiss.CodePacker, blocks: np.ndarray, n: int) -> np.ndarray:
     """Packed fast-scan blocks (bytes) holding n vectors -> (n, code_size) flat codes."""
     blocks = np.ascontiguousarray(blocks, dtype=np.uint8).ravel()

@@ -2,7 +2,7 @@
 
 A seeded random subset of source shards is read (only those), a uniform row fraction of them
 is encoded by the encoder actor pool into the object store, and one Ray task (on a GPU with
-faiss-gpu when index.use_gpu and a GPU exist) runs k-means and writes `ivf-trained.index`
+faiss-gpu when index.use_gpu and a GPU exist) runs k-means and writes `trained.index`
 beside the parts. The driver reads one Parquet footer (to size the sample) and the small
 trained file; it never holds the sample.
 """
@@ -19,7 +19,7 @@ from sscq_dist import storage
 from sscq_dist.config import Config
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.encoder import ImageEncoder, actor_pool
-from sscq_dist.indexing.formats import IVF_TRAINED_FILE, SourceShard, sha256_hex
+from sscq_dist.indexing.formats import TRAINED_FILE, SourceShard, sha256_hex
 from sscq_dist.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_ur
     """(sha256, nlist) of the version's trained coarse quantizer, training it first if absent."""
     import ray
 
-    loc = vloc.join(IVF_TRAINED_FILE)
+    loc = vloc.join(TRAINED_FILE)
     try:
         data = storage.read_bytes(loc)
-        return sha256_hex(data), int(fi.deserialize(data).nlist)
+        from sscq_dist.indexing.trained import check_type
+
+        return sha256_hex(data), int(check_type(fi.deserialize(data), "ivf_pq_fastscan", loc.uri).nlist)
     except storage.NotFound:
         pass
     ix, seed = enc_cfg.index, enc_cfg.train.seed

@@ -64,9 +64,13 @@ def run_reindex(images_uri: str, index_root_uri: str, model_uri: str, cfg: Confi
             mlflow.set_tags({"model_version": summary.model_version, "model_uri": loaded.uri,
                              "index_root": redact_uri(index_root_uri), "images_uri": redact_uri(images_uri),
                              "snapshot": summary.snapshot, "index_metrics_uri": metrics_uri})
+            if summary.skipped:  # named, so an operator sees which shards did not serve and why
+                mlflow.set_tag("skipped_shards", "\n".join(f"{redact_uri(s.source.uri)}: {s.reason[:300]}"
+                                                           for s in summary.skipped)[:4900])
             nums = {"rows": summary.total_rows, "parts": summary.total_shards,
                     "encoded_rows": summary.encoded_rows, "encoded_shards": summary.encoded_shards,
                     "resumed_shards": summary.resumed_shards, "removed_shards": summary.removed_shards,
+                    "skipped_shards": len(summary.skipped),
                     "dropped_images": summary.dropped_rows, "build_seconds": summary.seconds,
                     "images_per_s": summary.encoded_rows / max(1e-9, summary.seconds),
                     "bytes_per_image": metrics["bytes_per_image"]}

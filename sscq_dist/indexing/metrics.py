@@ -47,7 +47,7 @@ def index_metrics(index_root_uri: str, cfg: Config, model, queries: np.ndarray,
     m = open_current(root)
     out = {"model_version": m.model_version, "snapshot": m.name, "index_type": m.index_type,
            "index_params": m.index_params, "rows": m.total_rows, "parts": len(m.parts),
-           "index_bytes": int(m.index_bytes), "idmap_bytes": int(m.ids_bytes), "num_queries": int(len(queries))}
+           "index_bytes": int(m.index_bytes), "num_queries": int(len(queries))}
     out["bytes_per_image"] = out["index_bytes"] / max(1, m.total_rows)
     if len(queries) == 0 or m.total_rows == 0:
         return out

@@ -16,8 +16,8 @@ from sscq_dist import storage
 from sscq_dist.data.dataset_record import SHARD_PREFIX, check_dataset
 from sscq_dist.data.schema import no_shards_error
 from sscq_dist.errors import IndexError_, SchemaError
-from sscq_dist.indexing.formats import (LEGACY_MANIFEST, PartEntry, Snapshot, SourceShard, list_generations,
-                                        read_current, read_snapshot, snapshot_name, version_loc)
+from sscq_dist.indexing.formats import (PartEntry, Snapshot, SourceShard, list_generations, read_current,
+                                        read_snapshot, snapshot_name, version_loc)
 from sscq_dist.storage import Location
 
 
@@ -30,18 +30,7 @@ def list_source_shards(loc: Location) -> list[SourceShard]:
     and a dataset record is verified against the listed sizes, without another LIST.
     """
     if loc.path.endswith(".parquet"):  # one named shard: one HEAD
-        if loc.is_s3:
-            try:
-                e = storage.with_retries(lambda: loc.fs.handler.fs.info(loc.path), f"stat {loc.uri}", loc.storage)
-            except FileNotFoundError:
-                raise SchemaError(f"no image shard at {loc.uri}") from None
-            row = (loc.path, int(e["size"]), None, str(e.get("ETag", "")).strip('"'))
-        else:
-            info = storage.with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.storage)
-            if info.size is None:
-                raise SchemaError(f"no image shard at {loc.uri}")
-            row = (loc.path, info.size, info.mtime_ns, None)
-        return _local_or_s3([row], loc, loc.uri.rsplit("/", 1)[0])
+        return [stat_source_shard(loc)]
     if loc.is_s3:
         s3 = loc.fs.handler.fs
         try:
@@ -64,6 +53,24 @@ def list_source_shards(loc: Location) -> list[SourceShard]:
     return _local_or_s3(rows, loc, loc.uri.rstrip("/"))
 
 
+def stat_source_shard(loc: Location) -> SourceShard:
+    """One shard's size and etag as a listing gives them (one HEAD); the thumbnail check compares
+    a part's recorded etag with this. SchemaError when there is no file."""
+    if loc.is_s3:
+        try:
+            e = storage.with_retries(lambda: loc.fs.handler.fs.info(loc.path, refresh=True), f"stat {loc.uri}",
+                                     loc.storage)
+        except FileNotFoundError:
+            raise SchemaError(f"no image shard at {loc.uri}") from None
+        row = (loc.path, int(e["size"]), None, str(e.get("ETag", "")).strip('"'))
+    else:
+        info = storage.with_retries(lambda: loc.fs.get_file_info(loc.path), f"stat {loc.uri}", loc.storage)
+        if info.size is None:
+            raise SchemaError(f"no image shard at {loc.uri}")
+        row = (loc.path, info.size, info.mtime_ns, None)
+    return _local_or_s3([row], loc, loc.uri.rsplit("/", 1)[0])[0]
+
+
 def _local_or_s3(rows: list, loc: Location, parent_uri: str) -> list[SourceShard]:
     out = []
     for path, size, mtime_ns, etag in rows:
@@ -81,7 +88,7 @@ def _local_or_s3(rows: list, loc: Location, parent_uri: str) -> list[SourceShard
 class Plan:
     """The diff between the listed source shards and the version's latest snapshot.
 
-    base: that snapshot (None for a first build, or a version only the legacy layout holds);
+    base: that snapshot (None for a first build);
     keep: its entries whose source is unchanged; todo: new or changed shards to build;
     removed: its entries whose source is gone or changed.
     """
@@ -94,7 +101,6 @@ class Plan:
     keep: list[PartEntry] = field(default_factory=list)
     todo: list[SourceShard] = field(default_factory=list)
     removed: list[PartEntry] = field(default_factory=list)
-    migrating_legacy: bool = False
 
     @property
     def vloc(self) -> Location:
@@ -123,8 +129,7 @@ def make_plan(images: Location, root: Location, version: str, codebook_checksum:
         if base.index_type != index_type:
             raise IndexError_(f"index {base.name} at {root.uri} is {base.index_type}, config asks {index_type}; "
                               "use a new index root to change the index type")
-    plan = Plan(root=root, version=version, sources=sources, current=current, base=base,
-                migrating_legacy=base is None and storage.exists(version_loc(root, version).join(LEGACY_MANIFEST)))
+    plan = Plan(root=root, version=version, sources=sources, current=current, base=base)
     known = {p.source.uri: p for p in base.parts} if base else {}
     listed = {s.uri for s in sources}
     for s in sources:

@@ -2,7 +2,8 @@
 
     HTTP -> SearchIngress (FastAPI via @serve.ingress): decode + encode the query with the
             snapshot's model, pin ONE snapshot name for the request, fan out through
-            DeploymentHandles, merge the partitions' top-k, add labels from the source shards
+            DeploymentHandles, merge the partitions' top-k (label and uri come from the parts:
+            a search never reads the source bucket; /thumb reads one row group of one column)
          -> Partition0 .. Partition{P-1} (one deployment each, `replicas_per_partition`
             replicas): a share of the parts merged into one in-memory index (partition.py)
 
@@ -45,7 +46,7 @@ from sscq_dist.serving.api import BadRequest, decode_query_image, json_query, pa
 from sscq_dist.serving.auth import Secret, decide_auth, load_token
 from sscq_dist.serving.holder import NotReady, SnapshotHolder
 from sscq_dist.serving.limits import BodyTooLarge
-from sscq_dist.serving.rows import ShardRowReader, thumbnail_png
+from sscq_dist.serving.rows import RowGroupTooLarge, ShardChanged, ThumbnailReader
 from sscq_dist.tracking import absolute_store_uri, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,7 @@ class PartitionServer:
             return {"ok": False, "reason": str(exc)}
         hits = part.search(queries, k)
         infos = part.row_info(hits.positions)
-        return {"ok": True, "distances": hits.distances, "ids": hits.ids,
-                "info": [(i.uri, i.shard, i.row) for i in infos]}
+        return {"ok": True, "distances": hits.distances, "ids": hits.ids, "info": [i.as_tuple() for i in infos]}
 
     def locate(self, name: str, ids: list[int]) -> dict:
         try:
@@ -175,8 +175,7 @@ class PartitionServer:
         except NotReady as exc:
             return {"ok": False, "reason": str(exc)}
         pos = part.positions_of(np.asarray(ids, np.int64))
-        return {"ok": True, "info": [(i.uri, i.shard, i.row) if p >= 0 else None
-                                     for p, i in zip(pos.tolist(), part.row_info(pos))]}
+        return {"ok": True, "info": [i.as_tuple() if p >= 0 else None for p, i in zip(pos.tolist(), part.row_info(pos))]}
 
     def sample(self, name: str, n: int) -> dict:
         try:
@@ -266,7 +265,8 @@ class SearchIngress:
         self.partitions = partitions
         self.root = storage.resolve(index_root, cfg.storage)
         self.model_override = model_uri
-        self.rows = ShardRowReader(cfg.storage)
+        self.thumbs = ThumbnailReader(cfg.storage, self.sv.thumb_max_chunk_bytes, self.sv.thumb_cache_mb,
+                                      self.sv.thumb_size, cfg.data.max_image_pixels)
         self.last_error: Optional[str] = None
         self._refused: Optional[str] = None  # a CURRENT this replica refused (its reason is last_error)
         name = await asyncio.to_thread(read_current, self.root)
@@ -280,6 +280,7 @@ class SearchIngress:
 
     def reconfigure(self, user_config: dict) -> None:
         self.sv = apply_runtime(self.sv, user_config)
+        self.thumbs.thumb_size = self.sv.thumb_size
         guard.install(self._guard_settings())
 
     def _guard_settings(self) -> guard.GuardSettings:
@@ -435,17 +436,18 @@ class SearchIngress:
         found = next((a["info"][0] for a in answers if a["info"][0] is not None), None)
         if found is None:
             return _json_error(404, f"id {iid} is not in snapshot {pin.name}")
-        _, shard, row = found
-        if shard is None or row is None:
-            return _json_error(404, f"id {iid}: its id map has no source shard and row (indexed before id maps "
-                                    "recorded them; reindex to get thumbnails)")
-        try:
-            data = await asyncio.to_thread(self.rows.value, shard, int(row), "image")
-            png = await asyncio.to_thread(thumbnail_png, data, self.sv.thumb_size, self.cfg.data.max_image_pixels)
+        _, _, shard, etag, row_group, row = found
+        try:  # one HEAD, then (on a cache miss) one column chunk of one row group, off the event loop
+            th = await asyncio.to_thread(self.thumbs.thumbnail, shard, etag, int(row_group), int(row))
+        except ShardChanged as exc:
+            return _json_error(410, f"id {iid}: {exc}")
+        except RowGroupTooLarge as exc:
+            return _json_error(422, f"id {iid}: {exc}")
         except SSCQError as exc:
             return _json_error(404 if isinstance(exc, storage.NotFound) else 500, f"id {iid}: {exc}")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600",
-                                                               "X-Snapshot": pin.name})
+        return Response(th.png, media_type="image/png", headers={
+            "Cache-Control": "public, max-age=3600", "X-Snapshot": pin.name,
+            "X-Source-Bytes-Read": str(th.bytes_read)})
 
     @web.post("/search")
     async def search(self, request: Request) -> JSONResponse:
@@ -502,7 +504,7 @@ class SearchIngress:
         return data
 
     def _merge(self, answers: list[dict], k: int) -> list[dict]:
-        """Merged top-k of the partitions, with uri and label of each result."""
+        """Merged top-k of the partitions, with uri and label of each result (from the parts)."""
         d, ids = merge_topk([a["distances"] for a in answers], [a["ids"] for a in answers], k)
         info = {}
         for a in answers:
@@ -513,18 +515,9 @@ class SearchIngress:
         for dist, i in zip(d[0].tolist(), ids[0].tolist()):
             if i < 0:
                 continue
-            uri, shard, row = info[i]
-            out.append({"id": i, "distance": dist, "uri": uri, "label": self._label(shard, row)})
+            uri, label = info[i][:2]
+            out.append({"id": i, "distance": dist, "uri": uri, "label": label})
         return out
-
-    def _label(self, shard: Optional[str], row: Optional[int]):
-        if shard is None or row is None:
-            return None
-        try:
-            return self.rows.value(shard, int(row), "label")
-        except Exception as exc:  # a moved or deleted source shard costs the label, not the answer
-            log.warning("label of %s row %s: %s", storage.redact_uri(shard), row, _reason(exc))
-            return None
 
 
 # --------------------------------------------------------------------------- building and running

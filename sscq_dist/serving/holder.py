@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from sscq_dist.errors import SSCQError
 from sscq_dist.indexing.formats import Snapshot, read_current, read_snapshot
+from sscq_dist.indexing.leases import ReaderLease, default_replica_id
 from sscq_dist.serving.partition import Partition, load_partition
 from sscq_dist.serving.planner import plan_partitions
 from sscq_dist.storage import Location
@@ -65,6 +66,8 @@ class SnapshotHolder:
         self._failed: dict[str, tuple[str, float]] = {}  # name -> (reason, when) of its last failed load
         self.current: Optional[str] = None
         self.last_error: Optional[str] = None
+        # Garbage collection keeps what this replica holds while the lease is renewed (each watch).
+        self.lease = ReaderLease(root, default_replica_id(f"partition{number}of{of}"))
 
     # ------------------------------------------------------------------ loading
 
@@ -111,6 +114,7 @@ class SnapshotHolder:
                 self.last_error = None
             log.info("partition %d/%d: now serving %s (previous %s)", self.number + 1, self.of, name, previous)
         self.evict()
+        self.lease.renew([name, *self.status().held])
         return name
 
     def evict(self) -> list[str]:

@@ -1,22 +1,26 @@
 """A partition: a share of a snapshot's parts merged into ONE in-memory fast-scan index.
 
-Per-query cost must not grow with the number of parts (SPEC section 7), so the parts'
-stored codes are copied, exactly and without re-encoding, into one index of the same type:
+Per-query cost must not grow with the number of parts (SPEC section 7). A part is lean: its
+file holds per row the id, the packed PQ code (and for IVF the list number) and the row
+metadata, never a codebook or a quantizer. A partition loads the version's ONE trained
+empty index (`trained.index`) once and copies the parts' codes into it, exactly and
+without re-encoding (as FAISS's `contrib/ondisk.py` merges shards' lists into one trained
+index):
 
-- exhaustive parts (`IndexIDMap(IndexPQFastScan)`): the flat codes of every part are packed
-  into one block table with the index's own `CodePacker` (`ntotal2` set as FAISS's `add`
-  sets it), the ids into the one id map;
-- IVF parts (`IndexIVFPQFastScan`, all sharing one coarse quantizer): each inverted list
-  gets the entries of that list from every part, packed once per list (`add_entries` on an
-  empty list copies whole blocks). FAISS's own `merge_from` / `merge_ondisk` are avoided:
-  the latter refuses fast-scan lists (faiss issue 2407).
+- exhaustive (`IndexIDMap(IndexPQFastScan)`): every part's flat codes are packed into one
+  block table with the index's own `CodePacker` (`ntotal2` set as FAISS's `add` sets it),
+  the ids into the one id map;
+- IVF (`IndexIVFPQFastScan`): each inverted list gets the entries of that list from every
+  part, packed once per list (`add_entries` on an empty list copies whole blocks). FAISS's
+  own `merge_ondisk` is avoided: it refuses fast-scan lists (faiss issue 2407).
 
-Positions: a partition numbers its rows part by part in id-map order, so position p is
-row `p - offsets[j]` of part j's id map. The lookups kept per row are the ids by position
-(for the exhaustive index: a view of FAISS's own id map, no copy) and the positions sorted
-by id (uint32 below 2^32 rows), so an id is located by binary search. Uris and source rows
-are not held in the heap: each part's id map becomes a local Arrow IPC file that is
-memory-mapped, read only for the rows a query returns.
+Positions: a partition numbers its rows part by part in file order, so position p is row
+`p - offsets[j]` of part j. The lookups kept per row are the ids by position (for the
+exhaustive index: a view of FAISS's own id map, no copy) and the positions sorted by id
+(uint32 below 2^32 rows), so an id is located by binary search. Row metadata (label, uri,
+thumbnail reference) is not held in the heap: each part's becomes a local Arrow IPC file
+that is memory-mapped, read only for the rows a query returns. Results never read the
+source bucket.
 
 Results are canonical: the k smallest (distance, id) pairs, ties broken by id, whatever the
 partitioning. FAISS breaks ties arbitrarily, so a search whose k-th distance is tied with
@@ -38,18 +42,19 @@ from typing import Optional
 import faiss
 import numpy as np
 import pyarrow as pa
-from faiss.contrib.inspect_tools import get_invlist
 
 from sscq_dist import storage
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.formats import PartEntry, Snapshot, parse_idmap, version_loc
+from sscq_dist.indexing.formats import PART_META_SCHEMA, PartEntry, PartRows, Snapshot, parse_part, version_loc
+from sscq_dist.indexing.trained import read_trained_index
 from sscq_dist.storage import Location
 
 log = logging.getLogger(__name__)
 
 LOOKUP_SUFFIX = ".lookup.arrow"
-_LOOKUP_SCHEMA = pa.schema([pa.field("uri", pa.large_string()), pa.field("row", pa.int64())])
+# The memory-mapped row metadata: the part file's meta columns, uri as large_string (64-bit offsets).
+_LOOKUP_SCHEMA = pa.schema([pa.field("uri", pa.large_string()) if f.name == "uri" else f for f in PART_META_SCHEMA])
 
 
 # --------------------------------------------------------------------------- part files
@@ -96,69 +101,21 @@ def _check_size(remote: Location, data: bytes, size: int) -> None:
                           "the index is inconsistent (a part rewritten after its snapshot?)")
 
 
-def read_part_index(remote: Location, cache_dir: Optional[str], version: str, name: str, size: int) -> faiss.Index:
-    """One part's FAISS index (the concrete type: read_index downcasts)."""
-    path, data = cached_bytes(remote, cache_dir, version, name, size)
-    try:
-        if path is not None:
-            return faiss.read_index(path)
-        return fi.deserialize(data)
-    except RuntimeError as exc:
-        raise IndexError_(f"{remote.uri}: not a readable FAISS index ({str(exc).splitlines()[0][:200]})") from None
+def load_part(root: Location, snap: Snapshot, entry: PartEntry, cache_dir: Optional[str] = None) -> PartRows:
+    """One part's rows: ids, packed codes ([lists] for IVF) and row metadata, in file order.
 
-
-def _read_part_idmap(remote: Location, cache_dir: Optional[str], version: str, entry: PartEntry) -> pa.Table:
-    path, data = cached_bytes(remote, cache_dir, version, entry.ids_file, entry.ids_bytes)
+    Reads the part file named by the snapshot entry (through the local cache when given),
+    checks its size and row count against the entry. The seam incremental loads build on.
+    """
+    remote = version_loc(root, snap.model_version).join(entry.index_file)
+    path, data = cached_bytes(remote, cache_dir, snap.model_version, entry.index_file, entry.index_bytes)
     if path is not None:
         with open(path, "rb") as f:
             data = f.read()
-    table = parse_idmap(data, remote.uri)
-    if table.num_rows != entry.indexed:
-        raise IndexError_(f"id map {remote.uri} has {table.num_rows} rows, snapshot says {entry.indexed}")
-    return table
-
-
-# --------------------------------------------------------------------------- codes of one part
-
-
-@dataclass
-class _PartCodes:
-    """What one part stores, in its id map's row order: packed flat codes (n, code_size)
-    uint8, and for IVF the inverted list of every row (n,) int64."""
-
-    codes: np.ndarray
-    lists: Optional[np.ndarray]
-
-
-def _part_codes(index: faiss.Index, idmap_ids: np.ndarray, where: str) -> _PartCodes:
-    """Read the (id, code[, list]) entries FAISS stores and order them like the id map."""
-    if isinstance(index, faiss.IndexIVFPQFastScan):
-        packer = index.get_CodePacker()
-        ids_l, codes_l, lists_l = [], [], []
-        for list_no in range(index.nlist):
-            list_ids, blocks = get_invlist(index.invlists, list_no)
-            if len(list_ids) == 0:
-                continue
-            ids_l.append(list_ids)
-            codes_l.append(fi._unpack_blocks(packer, blocks, len(list_ids)))
-            lists_l.append(np.full(len(list_ids), list_no, np.int64))
-        ids = np.concatenate(ids_l) if ids_l else np.zeros(0, np.int64)
-        flat = np.concatenate(codes_l) if codes_l else np.zeros((0, packer.code_size), np.uint8)
-        lists = np.concatenate(lists_l) if lists_l else np.zeros(0, np.int64)
-    else:
-        ids, unpacked = fi.index_codes(index)
-        flat, lists = fi.pack_codes(unpacked), None
-    if len(ids) != len(idmap_ids):
-        raise IndexError_(f"{where}: index holds {len(ids)} vectors, its id map {len(idmap_ids)}")
-    if np.array_equal(ids, idmap_ids):  # exhaustive parts: already in id-map order
-        return _PartCodes(flat, lists)
-    by_id = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[by_id], idmap_ids)
-    pos = np.clip(pos, 0, max(0, len(ids) - 1))
-    if len(ids) and not np.array_equal(ids[by_id][pos], idmap_ids):
-        raise IndexError_(f"{where}: the ids in the index differ from the ids in its id map")
-    take = by_id[pos]
-    return _PartCodes(flat[take], lists[take] if lists is not None else None)
+    rows = parse_part(data, remote.uri, ivf=snap.index_type == "ivf_pq_fastscan")
+    if len(rows.ids) != entry.indexed:
+        raise IndexError_(f"part file {remote.uri} has {len(rows.ids)} rows, snapshot says {entry.indexed}")
+    return rows
 
 
 def _pack_blocks(packer, flat: np.ndarray) -> np.ndarray:
@@ -214,29 +171,24 @@ def _merge_ivf(template: faiss.IndexIVFPQFastScan, ids: np.ndarray, flat: np.nda
 
 @dataclass
 class PartLookup:
-    """One part's per-row uri and source row, memory-mapped from a local Arrow IPC file."""
+    """One part's row metadata (label, uri, row group, row), memory-mapped from a local Arrow IPC file."""
 
     entry: PartEntry
-    shard: Optional[str]  # the source shard's uri (None: an id map written before it was recorded)
-    table: pa.Table  # columns uri, row (nulls for legacy id maps)
+    table: pa.Table  # _LOOKUP_SCHEMA
 
 
-def _lookup_file(table: pa.Table, store_dir: str, version: str, entry: PartEntry) -> tuple[Optional[str], pa.Table]:
-    path = os.path.join(store_dir, version, f"{entry.ids_bytes}-{entry.part}{LOOKUP_SUFFIX}")
-    shards = table.column("shard").unique().drop_null().to_pylist()
-    if len(shards) > 1:
-        raise IndexError_(f"id map of part {entry.part} names {len(shards)} source shards; a part has one")
+def _lookup_file(meta: pa.Table, store_dir: str, version: str, entry: PartEntry) -> pa.Table:
+    path = os.path.join(store_dir, version, f"{entry.index_bytes}-{entry.part}{LOOKUP_SUFFIX}")
     if not os.path.isfile(path):
-        lookup = pa.table({"uri": table.column("uri").cast(pa.large_string()), "row": table.column("row")},
-                          schema=_LOOKUP_SCHEMA)
+        lookup = pa.table([meta.column(f.name).cast(f.type) for f in _LOOKUP_SCHEMA], schema=_LOOKUP_SCHEMA)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, _LOOKUP_SCHEMA) as writer:
             writer.write_table(lookup)
         _atomic_local_write(path, sink.getvalue().to_pybytes())
     mapped = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero copy: pages load on use
-    if mapped.num_rows != table.num_rows:
-        raise IndexError_(f"{path} has {mapped.num_rows} rows, the id map {table.num_rows}; delete it")
-    return (shards[0] if shards else None), mapped
+    if mapped.num_rows != meta.num_rows:
+        raise IndexError_(f"{path} has {mapped.num_rows} rows, the part {meta.num_rows}; delete it")
+    return mapped
 
 
 def _find_sorted(values: np.ndarray, order: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -277,11 +229,19 @@ class Hits:
 
 @dataclass
 class RowInfo:
-    """Where a result came from: its uri (id map), source shard uri and row number in it."""
+    """What a result shows, from its part: uri, label, and the thumbnail reference (source
+    shard uri + the etag it had when indexed + row group + row inside that group)."""
 
     uri: Optional[str]
+    label: Optional[list]
     shard: Optional[str]
+    etag: Optional[str]
+    row_group: Optional[int]
     row: Optional[int]
+
+    def as_tuple(self) -> tuple:
+        """Plain values to send between replicas."""
+        return (self.uri, self.label, self.shard, self.etag, self.row_group, self.row)
 
 
 @dataclass
@@ -367,16 +327,18 @@ class Partition:
         return _find_sorted(self.ids, self.order, ids)
 
     def row_info(self, positions: np.ndarray) -> list[RowInfo]:
-        """Positions (flat) -> uri, source shard and source row of each (None fields for -1)."""
+        """Positions (flat) -> what each result shows (None fields for -1), from the parts only."""
         out = []
         for p in np.asarray(positions, dtype=np.int64).ravel().tolist():
             if p < 0 or p >= self.ntotal:
-                out.append(RowInfo(None, None, None))
+                out.append(RowInfo(None, None, None, None, None, None))
                 continue
             j = int(np.searchsorted(self.offsets, p, side="right")) - 1
             lk = self.lookups[j]
             r = p - int(self.offsets[j])
-            out.append(RowInfo(lk.table.column("uri")[r].as_py(), lk.shard, lk.table.column("row")[r].as_py()))
+            t = lk.table
+            out.append(RowInfo(t.column("uri")[r].as_py(), t.column("label")[r].as_py(), lk.entry.source.uri,
+                               lk.entry.source.etag, t.column("row_group")[r].as_py(), t.column("row")[r].as_py()))
         return out
 
     def resident_bytes(self) -> dict:
@@ -407,43 +369,36 @@ def _release_unused_memory() -> None:
 def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], number: int = 0, of: int = 1,
                    cache_dir: Optional[str] = None, nprobe: Optional[int] = None,
                    progress_every_s: float = 10.0) -> Partition:
-    """Read `parts` of `snap` and merge them into one Partition.
+    """Read `parts` of `snap` and merge their codes into one copy of the version's trained index.
 
-    cache_dir: local folder keeping part files, id maps and the lookup files between loads
+    cache_dir: local folder keeping part files and the lookup files between loads
     (without it the lookups go to a temporary folder removed with the partition).
     """
     t0 = time.perf_counter()
     vloc = version_loc(root, snap.model_version)
     store = cache_dir or tempfile.mkdtemp(prefix="sscq-lookups-")
+    # One trained empty index per load (codebooks + quantizer): the parts carry codes only.
+    template = read_trained_index(vloc, snap.coarse_checksum, snap.index_type) if parts else None
     total = sum(int(p.indexed) for p in parts)
     ids = np.empty(total, np.int64)
     flat: Optional[np.ndarray] = None
     lists = np.empty(total, np.int64) if snap.index_type == "ivf_pq_fastscan" else None
     offsets = np.zeros(len(parts) + 1, np.int64)
     lookups: list[PartLookup] = []
-    template: Optional[faiss.Index] = None
     last_log = time.perf_counter()
     for j, entry in enumerate(parts):
-        index_loc, ids_loc = vloc.join(entry.index_file), vloc.join(entry.ids_file)
-        index = read_part_index(index_loc, cache_dir, snap.model_version, entry.index_file, entry.index_bytes)
-        if index.ntotal != entry.indexed:
-            raise IndexError_(f"{index_loc.uri} holds {index.ntotal} vectors, snapshot says {entry.indexed}")
-        table = _read_part_idmap(ids_loc, cache_dir, snap.model_version, entry)
-        part_ids = table.column("id").to_numpy()
-        pc = _part_codes(index, part_ids, index_loc.uri)
-        if template is None:
-            template = index  # emptied and refilled below: same type, codebooks, quantizer, nprobe
-        else:
-            del index
+        rows = load_part(root, snap, entry, cache_dir)
         if flat is None:
-            flat = np.empty((total, pc.codes.shape[1] if pc.codes.ndim == 2 else 0), np.uint8)
-        lo, hi = offsets[j], offsets[j] + len(part_ids)
+            flat = np.empty((total, rows.codes.shape[1]), np.uint8)
+        elif rows.codes.shape[1] != flat.shape[1]:
+            raise IndexError_(f"part {entry.part} has {rows.codes.shape[1]}-byte codes, the others {flat.shape[1]}")
+        lo, hi = offsets[j], offsets[j] + len(rows.ids)
         offsets[j + 1] = hi
-        ids[lo:hi], flat[lo:hi] = part_ids, pc.codes
+        ids[lo:hi], flat[lo:hi] = rows.ids, rows.codes
         if lists is not None:
-            lists[lo:hi] = pc.lists
-        shard, mapped = _lookup_file(table, store, snap.model_version, entry)
-        lookups.append(PartLookup(entry, shard, mapped))
+            lists[lo:hi] = rows.lists
+        lookups.append(PartLookup(entry, _lookup_file(rows.meta, store, snap.model_version, entry)))
+        del rows
         if time.perf_counter() - last_log >= progress_every_s:
             last_log = time.perf_counter()
             log.info("partition %d/%d of %s: %d/%d parts, %d/%d rows", number + 1, of, snap.name, j + 1,
@@ -455,6 +410,8 @@ def load_partition(root: Location, snap: Snapshot, parts: list[PartEntry], numbe
         # FAISS's id map holds the ids by position: view it instead of keeping a second copy.
         ids_view = faiss.rev_swig_ptr(merged.id_map.data(), total) if total else np.zeros(0, np.int64)
     else:
+        if total and (lists.min() < 0 or lists.max() >= template.nlist):
+            raise IndexError_(f"snapshot {snap.name}: a part names an IVF list outside 0..{template.nlist - 1}")
         merged = _merge_ivf(template, ids, flat, lists)
         ids_view = ids
     del flat, lists
