@@ -284,6 +284,19 @@ class ServeConfig:
     # partition replica: one query is small, so replicas, not threads, use the cores.
     torch_threads: int = 1
     search_threads: int = 1
+    # Bearer token file (a mounted Secret); the env var SSCQ_SERVE_TOKEN takes precedence. A token
+    # given is always enforced; a non-loopback host without one is refused unless insecure_no_auth.
+    token_file: Optional[str] = None
+    insecure_no_auth: bool = False
+    # (run time) Per-client token bucket: sustained requests/s and burst; beyond it 429 + Retry-After.
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: int = 100
+    # (run time) Requests one ingress replica works on at once; more get 503 + Retry-After at once.
+    max_in_flight: int = 64
+    # (run time) Whole-request deadline at the ingress (504 past it); keep it above partition_timeout_s.
+    request_timeout_s: float = 30.0
+    # Serve's own queue in front of the ingress replicas (its proxy answers 503 when full).
+    max_queued_requests: int = 128
 
 
 @dataclass
@@ -428,11 +441,12 @@ def validate(cfg: Config) -> Config:
 def validate_serve(sv: ServeConfig) -> ServeConfig:
     """Range checks of the serve section (also run on every run-time reconfigure)."""
     for name in ("partitions", "replicas_per_partition", "ingress_replicas", "default_k", "max_k", "thumb_size",
-                 "max_upload_bytes", "torch_threads", "search_threads"):
+                 "max_upload_bytes", "torch_threads", "search_threads", "rate_limit_burst", "max_in_flight",
+                 "max_queued_requests"):
         _check(getattr(sv, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(sv, name)}")
     _check(sv.default_k <= sv.max_k, "serve.default_k", f"must be <= serve.max_k={sv.max_k}, got {sv.default_k}")
     for name in ("partition_cpus", "ingress_cpus", "watch_interval_s", "partition_timeout_s", "health_check_period_s",
-                 "health_check_timeout_s"):
+                 "health_check_timeout_s", "rate_limit_per_s", "request_timeout_s"):
         _check(getattr(sv, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(sv, name)}")
     _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
     _check(sv.thumb_max_chunk_bytes >= 1, "serve.thumb_max_chunk_bytes", f"must be >= 1, got {sv.thumb_max_chunk_bytes}")

@@ -61,6 +61,9 @@ def validate_uri(uri: str) -> str:
         raise StorageError(f"unsupported URI scheme '{scheme}://' in {redact_uri(uri)} (allowed: local path, file://, s3://)")
     if scheme == "s3" and not urlparse(uri).netloc:
         raise StorageError(f"S3 URI without a bucket: {redact_uri(uri)}")
+    # A key is literal text, not a path: '..' would name other objects than the reader meant.
+    if scheme == "s3" and any(seg in (".", "..") for seg in urlparse(uri).path.split("/")):
+        raise StorageError(f"S3 URI with a '.' or '..' segment: {redact_uri(uri)}")
     return uri
 
 

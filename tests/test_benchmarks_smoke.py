@@ -188,3 +188,22 @@ def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path, 
     # A lean part's fixed bytes (20 vs 2,000 parts of the same rows) stay under 4 KB whatever nlist is.
     assert [o["kind"] for o in res["part_overhead"]] == ["flat", "IVF nlist 1,024", "IVF nlist 16,384"]
     assert all(o["fixed_bytes_per_part"] < 4096 for o in res["part_overhead"]), res["part_overhead"]
+
+
+def test_serve_load_smoke_survives_a_swap_and_a_killed_replica(tmp_path, ray_local):
+    """Load with faults (benchmarks/serve_load.py --smoke): no request outlives the deadline,
+    every non-2xx is a 503/504 with a reason, the republished generation swaps in without a
+    failed request, and QPS is back within 30 s of the SIGKILL."""
+    out = tmp_path / "load"
+    stdout, wall = run_script("serve_load.py", ["--smoke", "--work", tmp_path / "work", "--out", out], tmp_path,
+                              timed=True, ray=ray_local)
+    assert "| faults | 4 |" in stdout
+    r = json.loads((out / "serve_load_smoke.json").read_text())
+    assert r["hangs"] == 0 and r["longest_request_s"] <= r["deadline_s"] + 2.0, r
+    assert set(r["statuses"]) <= {"200", "503", "504"} and r["statuses"]["200"] >= 20, r["statuses"]
+    assert all(reason.split(": ", 1)[1] and "\n" not in reason for reason in r["non_2xx_reasons"])
+    assert r["swap"]["failures_in_swap_window"] == 0 and r["swap"]["answers_by_version"].get(r["swap"]["new"], 0) > 0
+    assert r["kill_at_s"] is not None and r["recovery_s"] is not None and r["recovery_s"] <= 30.0, r
+    for kind, m in r["rss_mb"].items():  # flat: a few MB, not a leak per request
+        assert m["end"] - m["start"] < 50, (kind, m)
+    print(f"serve_load smoke: {wall:.0f}s wall; {r['qps']:.1f} QPS, recovery {r['recovery_s']:.1f}s")

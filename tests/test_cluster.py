@@ -41,6 +41,8 @@ SCRIPT_TIMEOUT_S = 240
 # A bearer token in the stack's environment (so in every job's, as on a cluster whose nodes
 # carry one); no job may write it anywhere.
 FAKE_MLFLOW_TOKEN = "mlflow-token-sscq-test-do-not-log-4242"
+# The search service's bearer token (sscq_dist/serving/auth.py), carried the same way.
+FAKE_SERVE_TOKEN = "serve-token-sscq-test-do-not-log-5353"
 
 
 @dataclass
@@ -106,6 +108,7 @@ def dev_stack(tmp_path_factory):
     """The dev stack, up for this module; always torn down (and its state removed)."""
     stack = dev_stack_settings(tmp_path_factory.mktemp("stack"))
     stack.script_env["MLFLOW_TRACKING_TOKEN"] = FAKE_MLFLOW_TOKEN
+    stack.script_env["SSCQ_SERVE_TOKEN"] = FAKE_SERVE_TOKEN
     try:
         yield start_dev_stack(stack)
     finally:
@@ -201,7 +204,7 @@ def test_env_sh_points_clients_at_the_stack(dev_stack):
 
 
 def test_no_secret_is_printed_or_logged(dev_stack):
-    secrets = [dev_stack.token, dev_stack.client_env["AWS_SECRET_ACCESS_KEY"], FAKE_MLFLOW_TOKEN]
+    secrets = [dev_stack.token, dev_stack.client_env["AWS_SECRET_ACCESS_KEY"], FAKE_MLFLOW_TOKEN, FAKE_SERVE_TOKEN]
     status = run_script("status.sh", dev_stack.script_env)
     outputs = [dev_stack.up_output, status.stdout, status.stderr]
     outputs += [p.read_text(errors="replace") for p in (dev_stack.state_dir / "logs").iterdir()]
@@ -271,6 +274,7 @@ def _e2e_env(stack):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env.update(stack.client_env)
     env["MLFLOW_TRACKING_TOKEN"] = FAKE_MLFLOW_TOKEN
+    env["SSCQ_SERVE_TOKEN"] = FAKE_SERVE_TOKEN
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -363,7 +367,7 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     # records, MLflow artifacts, snapshots, part records, index_metrics.json); Ray Train's run
     # storage and the outputs.
     secrets = [stack.client_env["AWS_SECRET_ACCESS_KEY"], stack.client_env["AWS_ACCESS_KEY_ID"], stack.token,
-               FAKE_MLFLOW_TOKEN]
+               FAKE_MLFLOW_TOKEN, FAKE_SERVE_TOKEN]
     stored = [json.dumps(manifest.__dict__, default=str)]
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):

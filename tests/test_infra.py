@@ -455,7 +455,7 @@ def test_mlflow_deployment_postgres_store_and_s3_artifacts():
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
-    svc = one("Service")
+    (svc,) = [d for d in find_kind("Service") if d["metadata"]["name"] == "sscq-mlflow"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -477,11 +477,14 @@ def serve_apps() -> dict[str, dict]:
     return {"configs/serve.yaml": local, "infra/kuberay/rayservice-search.yaml": k8s}
 
 
-def test_serve_configs_pass_serves_schema_and_build_our_app():
+def test_serve_configs_pass_serves_schema_and_build_our_app(monkeypatch):
     """Both Serve configs validate against Serve's own schema, name our application builder,
     carry args that load as our config, one user_config of run-time keys per deployment that
-    exists (SearchIngress, Partition0..N-1), and the builder binds the app from those args."""
+    exists (SearchIngress, Partition0..N-1), and the builder binds the app from those args.
+    serve.host names the proxy's bind, so the builder's token rule sees the real host."""
     from ray.serve.schema import ServeDeploySchema
+
+    monkeypatch.setenv("SSCQ_SERVE_TOKEN", "infra-test-token-0123456789")
 
     from sscq_dist.config import load_config
     from sscq_dist.serving.app import INGRESS_NAME, RUNTIME_FIELDS, apply_runtime, build_app, partition_name
@@ -500,6 +503,7 @@ def test_serve_configs_pass_serves_schema_and_build_our_app():
         for d in app["deployments"]:
             assert set(d["user_config"]) == set(RUNTIME_FIELDS), (where, d["name"])
             apply_runtime(cfg.serve, d["user_config"])  # valid values, or a ConfigError naming the key
+        assert cfg.serve.host == conf["http_options"]["host"], where
         assert build_app(args) is not None
     k8s = serve_apps()["infra/kuberay/rayservice-search.yaml"]["applications"][0]
     assert k8s["args"]["index_root"].startswith("s3://"), "the cluster serves the index the CronJob publishes"
@@ -521,3 +525,50 @@ def test_rayservice_runs_our_image_with_token_auth_and_the_serve_port():
     (head,) = containers(rc["headGroupSpec"])
     port = yaml.safe_load(svc["serveConfigV2"])["http_options"]["port"]
     assert port in {p["containerPort"] for p in head["ports"]}
+
+
+def test_rayservice_requires_the_serve_token_from_a_mounted_secret():
+    """The search app binds every interface, so it reads its token from a file of the Secret
+    sscq-serve-token mounted on every pod; without a token the builder refuses to start."""
+    from sscq_dist.config import load_config
+    from sscq_dist.errors import SSCQError
+    from sscq_dist.serving.app import build_app
+
+    svc = one("RayService")
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    args = dict(app["args"], config=str(REPO / app["args"]["config"].removeprefix("/home/ray/sscq-dist/")))
+    cfg = load_config(args["config"], args["overrides"])
+    assert cfg.serve.host == "0.0.0.0" and not cfg.serve.insecure_no_auth
+    groups = [svc["spec"]["rayClusterConfig"]["headGroupSpec"]] + svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for g in groups:
+        vols = {v["name"]: v for v in g["template"]["spec"]["volumes"]}
+        for c in containers(g):
+            (mount,) = [m for m in c["volumeMounts"] if vols[m["name"]].get("secret", {}).get("secretName") ==
+                        "sscq-serve-token"]
+            assert mount["readOnly"] and os.path.dirname(cfg.serve.token_file) == mount["mountPath"]
+    secrets = {(d["metadata"]["name"], k) for d in find_kind("Secret") for k in d["stringData"]}
+    assert ("sscq-serve-token", os.path.basename(cfg.serve.token_file)) in secrets
+    with pytest.raises(SSCQError, match="cannot read"):  # no mounted file here: refused, never served open
+        build_app(args)
+
+
+def test_search_metrics_are_scraped_with_the_token_and_charted():
+    """A ServiceMonitor scrapes /metrics on the serve port with the token Secret; the pods carry
+    the scrape annotations; every metric the Grafana dashboard queries is one the service exports."""
+    import json
+
+    from sscq_dist.serving import metrics
+
+    (mon,) = find_kind("ServiceMonitor")
+    (ep,) = mon["spec"]["endpoints"]
+    assert ep["path"] == "/metrics" and ep["authorization"]["credentials"]["name"] == "sscq-serve-token"
+    svc = [d for d in find_kind("Service") if d["metadata"]["labels"].items() >= mon["spec"]["selector"]["matchLabels"].items()]
+    assert len(svc) == 1 and ep["port"] in {p["name"] for p in svc[0]["spec"]["ports"]}
+    head = one("RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
+    assert head["labels"].items() >= svc[0]["spec"]["selector"].items()
+    assert head["annotations"]["prometheus.io/scrape"] == "true" and head["annotations"]["prometheus.io/path"] == "/metrics"
+    dash = json.loads((REPO / "infra" / "grafana" / "sscq-search-dashboard.json").read_text())
+    exported = {m.name for m in metrics.REGISTRY.collect()}
+    used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"\b(sscq_[a-z_]+)", t["expr"])}
+    base = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
+    assert len(dash["panels"]) >= 8 and base <= exported, base - exported

@@ -72,10 +72,19 @@ def decode_query_image(data: Optional[bytes], size: int, channels: int, max_pixe
 
 def parse_json_query(body: bytes, dim: int, default_k: int, max_k: int, k_param: Any = None) -> tuple[np.ndarray, int]:
     """JSON {"embedding": [...], "k": n} -> ((1, dim) float32, k)."""
+    return json_query(read_json(body), dim, default_k, max_k, k_param)
+
+
+def read_json(body: bytes) -> Any:
+    """The parsed body (the ingress calls this once per request, in a thread)."""
     try:
-        obj = json.loads(body or b"")
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(body or b"")
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest(400, "the body is not valid JSON") from None
+
+
+def json_query(obj: Any, dim: int, default_k: int, max_k: int, k_param: Any = None) -> tuple[np.ndarray, int]:
+    """A parsed JSON body {"embedding": [...], "k": n} -> ((1, dim) float32, k)."""
     if not isinstance(obj, dict) or "embedding" not in obj:
         raise BadRequest(400, 'JSON body must be an object {"embedding": [...], "k": 10}')
     emb = obj["embedding"]

@@ -41,8 +41,11 @@ from sscq_dist.config import Config, ServeConfig, load_config, validate_serve
 from sscq_dist.errors import SSCQError
 from sscq_dist.indexing.formats import Snapshot, check_codebooks, read_current, read_snapshot
 from sscq_dist.search import merge_topk
-from sscq_dist.serving.api import BadRequest, decode_query_image, parse_json_query, parse_k
+from sscq_dist.serving import guard, metrics
+from sscq_dist.serving.api import BadRequest, decode_query_image, json_query, parse_k, read_json
+from sscq_dist.serving.auth import Secret, decide_auth, load_token
 from sscq_dist.serving.holder import NotReady, SnapshotHolder
+from sscq_dist.serving.limits import BodyTooLarge
 from sscq_dist.serving.rows import RowGroupTooLarge, ShardChanged, ThumbnailReader
 from sscq_dist.tracking import absolute_store_uri, tracking_uri
 
@@ -52,7 +55,8 @@ APP_NAME = "sscq-search"
 INGRESS_NAME = "SearchIngress"
 # ServeConfig fields that are the deployments' user_config (changed at run time by reconfigure).
 RUNTIME_FIELDS = ("watch_interval_s", "retain_previous_s", "default_k", "max_k", "nprobe", "partition_timeout_s",
-                  "partition_retries", "max_upload_bytes", "thumb_size")
+                  "partition_retries", "max_upload_bytes", "thumb_size", "rate_limit_per_s", "rate_limit_burst",
+                  "max_in_flight", "request_timeout_s")
 
 
 def partition_name(number: int) -> str:
@@ -84,6 +88,22 @@ async def _args(*values):
 
 async def _awaitable(response):
     return await response
+
+
+async def _timed(number: int, call):
+    """`call`'s answer, with its latency (or failure) counted for partition `number`."""
+    t0 = time.perf_counter()
+    label = partition_name(number)
+    try:
+        return await call
+    except asyncio.TimeoutError:
+        metrics.PARTITION_FAILURES.labels(label, "timeout").inc()
+        raise
+    except Exception:
+        metrics.PARTITION_FAILURES.labels(label, "error").inc()
+        raise
+    finally:
+        metrics.PARTITION_LATENCY.labels(label).observe(time.perf_counter() - t0)
 
 
 def _embed(model, image: np.ndarray) -> np.ndarray:
@@ -194,7 +214,8 @@ class PartitionServer:
 
 # --------------------------------------------------------------------------- ingress
 
-web = FastAPI(title="sscq-dist image search", docs_url=None, redoc_url=None)
+web = FastAPI(title="sscq-dist image search", docs_url=None, redoc_url=None, openapi_url=None)
+web.add_middleware(guard.ServiceGuard)  # auth, limits and metrics of every route (guard.py)
 
 
 @dataclass
@@ -215,7 +236,11 @@ class Pinned:
 
 
 class PartitionFailed(Exception):
-    pass
+    """No full answer: 503 (a partition failed), or 504 (one did not answer in time)."""
+
+    def __init__(self, reason: str, status: int = 503):
+        super().__init__(reason)
+        self.status = status
 
 
 def _json_error(status: int, reason: str) -> JSONResponse:
@@ -230,11 +255,13 @@ def _web_file(name: str) -> str:
 @serve.ingress(web)
 class SearchIngress:
     async def __init__(self, partitions: list[DeploymentHandle], index_root: str, cfg: Config,
-                       model_uri: Optional[str] = None):
+                       model_uri: Optional[str] = None, token: Optional[Secret] = None):
         import torch
 
         self.cfg = cfg
         self.sv = cfg.serve
+        self.token = token
+        guard.install(self._guard_settings())
         torch.set_num_threads(self.sv.torch_threads)
         self.partitions = partitions
         self.root = storage.resolve(index_root, cfg.storage)
@@ -249,11 +276,18 @@ class SearchIngress:
         self.pinned: Pinned = await asyncio.to_thread(self._pin, name, None)
         self.previous: Optional[Pinned] = None
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        metrics.set_serving(name, self.pinned.snapshot.generation)
         log.info("search ingress: serving %s (%d rows)", name, self.pinned.snapshot.total_rows)
 
     def reconfigure(self, user_config: dict) -> None:
         self.sv = apply_runtime(self.sv, user_config)
         self.thumbs.thumb_size = self.sv.thumb_size
+        guard.install(self._guard_settings())
+
+    def _guard_settings(self) -> guard.GuardSettings:
+        sv = self.sv
+        return guard.GuardSettings(self.token, sv.rate_limit_per_s, sv.rate_limit_burst, sv.max_in_flight,
+                                   sv.request_timeout_s, sv.max_upload_bytes)
 
     # ---------------------------------------------------------------- snapshots and models
 
@@ -286,6 +320,7 @@ class SearchIngress:
         name = await asyncio.to_thread(read_current, self.root)
         if name is None or name == self.pinned.name or name == self._refused:
             return
+        t0 = time.perf_counter()
         try:
             new = await asyncio.to_thread(self._pin, name, self.pinned)
         except Exception as exc:
@@ -303,6 +338,9 @@ class SearchIngress:
             return  # tried again next interval
         self.previous, self.pinned = self.pinned, new  # one assignment: the next request is pinned to `new`
         self.last_error = None
+        metrics.SWAPS.inc()
+        metrics.SWAP_SECONDS.observe(time.perf_counter() - t0)
+        metrics.set_serving(name, new.snapshot.generation, previous=self.previous.name)
         log.info("search ingress: now serving %s (previous %s)", name, self.previous.name)
 
     # ---------------------------------------------------------------- fan-out
@@ -311,18 +349,20 @@ class SearchIngress:
         """Every partition's answer to `method(*args)`; NotReady answers are returned, failures raise."""
         reasons = []
         for attempt in range(self.sv.partition_retries + 1):
-            waits = [asyncio.wait_for(_awaitable(getattr(h, method).remote(*args)), self.sv.partition_timeout_s)
-                     for h in self.partitions]
+            timeout = self.sv.partition_timeout_s
+            waits = [_timed(i, asyncio.wait_for(_awaitable(getattr(h, method).remote(*args)), timeout))
+                     for i, h in enumerate(self.partitions)]
             answers = await asyncio.gather(*waits, return_exceptions=True)
             failed = [(i, a) for i, a in enumerate(answers) if isinstance(a, BaseException)]
             if not failed:
                 return answers
             i, exc = failed[0]
-            why = (f"did not answer within {self.sv.partition_timeout_s:g}s" if isinstance(exc, asyncio.TimeoutError)
-                   else _reason(exc))
-            reasons.append(f"partition {i + 1}/{len(self.partitions)} unavailable ({why})")
+            late = isinstance(exc, asyncio.TimeoutError)
+            why = f"did not answer within {self.sv.partition_timeout_s:g}s" if late else _reason(exc)
+            reasons.append((f"partition {i + 1}/{len(self.partitions)} ({partition_name(i)}) "
+                            f"{'too slow' if late else 'unavailable'} ({why})", 504 if late else 503))
             await asyncio.sleep(0.2 * (attempt + 1))
-        raise PartitionFailed(reasons[-1])
+        raise PartitionFailed(*reasons[-1])
 
     async def _pinned_call(self, method: str, args_for) -> tuple[Pinned, list[dict]]:
         """Call every partition with the pinned snapshot; if one does not hold it yet, with the
@@ -347,12 +387,17 @@ class SearchIngress:
     async def script(self) -> Response:
         return Response(_web_file("app.js"), media_type="application/javascript")
 
+    @web.get("/metrics")
+    async def metrics_page(self) -> Response:
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
+
     @web.get("/healthz")
     async def healthz(self) -> JSONResponse:
         try:
             answers = await self._call_all("status")
         except PartitionFailed as exc:
-            return JSONResponse({"status": "unavailable", "version": self.pinned.name, "reason": str(exc)}, 503)
+            return JSONResponse({"status": "unavailable", "version": self.pinned.name, "reason": str(exc)}, exc.status)
         lagging = [a["partition"] + 1 for a in answers if self.pinned.name not in a["held"]]
         body = {"status": "ok" if not lagging else "degraded", "version": self.pinned.name,
                 "previous": self.previous.name if self.previous else None, "last_error": self.last_error,
@@ -375,7 +420,7 @@ class SearchIngress:
         try:
             pin, answers = await self._pinned_call("sample", lambda pin: _args(n))
         except PartitionFailed as exc:
-            return _json_error(503, str(exc))
+            return _json_error(exc.status, str(exc))
         ids = [i for group in zip(*[a["ids"] for a in answers if a["ids"]]) for i in group]
         return JSONResponse({"version": pin.name, "ids": ids[:n]})
 
@@ -388,7 +433,7 @@ class SearchIngress:
         try:
             pin, answers = await self._pinned_call("locate", lambda pin: _args([iid]))
         except PartitionFailed as exc:
-            return _json_error(503, str(exc))
+            return _json_error(exc.status, str(exc))
         found = next((a["info"][0] for a in answers if a["info"][0] is not None), None)
         if found is None:
             return _json_error(404, f"id {iid} is not in snapshot {pin.name}")
@@ -409,9 +454,6 @@ class SearchIngress:
     async def search(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         try:
-            length = int(request.headers.get("content-length") or 0)
-            if length > self.sv.max_upload_bytes + 65536:
-                raise BadRequest(413, f"request body is {length} bytes, above the limit of {self.sv.max_upload_bytes}")
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data"):
                 k = parse_k(request.query_params.get("k"), self.sv.default_k, self.sv.max_k)
@@ -420,9 +462,9 @@ class SearchIngress:
                                                          self.cfg.data.max_image_pixels, self.sv.max_upload_bytes)
                 embed = True
             elif ctype.startswith("application/json") or not ctype:
-                body = await request.body()
-                arr_for = lambda pin: parse_json_query(body, pin.dim, self.sv.default_k,  # noqa: E731
-                                                       self.sv.max_k, request.query_params.get("k"))
+                obj = await asyncio.to_thread(read_json, await request.body())  # parsed once, off the event loop
+                arr_for = lambda pin: json_query(obj, pin.dim, self.sv.default_k,  # noqa: E731
+                                                 self.sv.max_k, request.query_params.get("k"))
                 embed = False
                 k = arr_for(self.pinned)[1]
             else:
@@ -441,14 +483,17 @@ class SearchIngress:
         except BadRequest as exc:
             return _json_error(exc.status, exc.reason)
         except PartitionFailed as exc:
-            return _json_error(503, str(exc))
+            return _json_error(exc.status, str(exc))
         results = await asyncio.to_thread(self._merge, answers, k)
+        metrics.ROWS.inc(len(results))
         return JSONResponse({"version": pin.name, "k": k, "results": results,
                              "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
 
     async def _read_upload(self, request: Request) -> bytes:
         try:
             form = await request.form(max_files=1, max_fields=8, max_part_size=self.sv.max_upload_bytes)
+        except BodyTooLarge:
+            raise  # the guard answers 413
         except Exception as exc:
             raise BadRequest(400, f"multipart body does not parse ({_reason(exc)})") from None
         field = form.get("image")
@@ -479,8 +524,10 @@ class SearchIngress:
 # --------------------------------------------------------------------------- building and running
 
 
-def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = None):
-    """The bound application: P partition deployments and the ingress that fans out to them."""
+def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = None,
+                      token: Optional[Secret] = None):
+    """The bound application: P partition deployments and the ingress that fans out to them
+    (the ingress enforces `token` when one is given; see auth.py)."""
     sv = cfg.serve
     storage.validate_uri(index_root)
     if not storage.resolve(index_root, cfg.storage).is_s3:
@@ -499,7 +546,9 @@ def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = N
              for i in range(sv.partitions)]
     return SearchIngress.options(name=INGRESS_NAME, num_replicas=sv.ingress_replicas,
                                  ray_actor_options={"num_cpus": sv.ingress_cpus}, user_config=runtime,
-                                 max_ongoing_requests=100, **health).bind(parts, index_root, cfg, model_uri)
+                                 max_ongoing_requests=max(100, sv.max_in_flight + 8),  # room for the guard's 503s
+                                 max_queued_requests=sv.max_queued_requests,
+                                 **health).bind(parts, index_root, cfg, model_uri, token)
 
 
 def build_app(args: dict):
@@ -513,7 +562,9 @@ def build_app(args: dict):
     if isinstance(overrides, str):
         overrides = overrides.split()
     cfg = load_config(_local_path(args.get("config") or "configs/digits.yaml"), list(overrides))
-    return build_application(_local_path(args["index_root"]), cfg, args.get("model") or None)
+    # Serve's http_options hold the bind, not this builder: serve.host must name it (0.0.0.0 on Kubernetes).
+    token = decide_auth(cfg.serve.host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)
+    return build_application(_local_path(args["index_root"]), cfg, args.get("model") or None, token)
 
 
 def _local_path(path: str) -> str:
@@ -529,9 +580,11 @@ def start_local(index_root: str, cfg: Config, model_uri: Optional[str] = None, h
                 port: Optional[int] = None, name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy the service on the connected Ray (Serve's HTTP proxy on host:port); returns its URL.
 
-    Returns once every replica is up (each loaded its partition of CURRENT)."""
+    Returns once every replica is up (each loaded its partition of CURRENT). A non-loopback
+    host needs a token (SSCQ_SERVE_TOKEN or serve.token_file) unless serve.insecure_no_auth."""
     host = host or cfg.serve.host
     port = int(port or cfg.serve.port)
+    token = decide_auth(host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_application(index_root, cfg, model_uri), name=name, route_prefix=route_prefix)
+    serve.run(build_application(index_root, cfg, model_uri, token), name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}/"

@@ -18,8 +18,11 @@ def start(index_root: str, cfg: Config, model_uri: Optional[str] = None, host: O
           port: Optional[int] = None) -> str:
     """Join RAY_ADDRESS or start a local Ray, deploy the service; returns its URL."""
     from sscq_dist.serving.app import start_local
+    from sscq_dist.serving.auth import decide_auth, load_token
     from sscq_dist.train.driver import init_ray
 
+    # Refuse an open non-loopback bind before any cluster work (start_local checks again).
+    decide_auth(host or cfg.serve.host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)
     init_ray(cfg)
     t0 = time.perf_counter()
     CONSOLE.line(f"serve: starting {cfg.serve.partitions} partition(s) x {cfg.serve.replicas_per_partition} replica(s) "
@@ -58,19 +61,24 @@ def run_until_interrupted(index_root: str, cfg: Config, model_uri: Optional[str]
     CONSOLE.line("serve: stopped")
 
 
-def post_image(url: str, image: bytes, k: int, timeout: float = 30.0) -> tuple[int, dict]:
+def auth_headers(token: Optional[str]) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def post_image(url: str, image: bytes, k: int, timeout: float = 30.0, token: Optional[str] = None) -> tuple[int, dict]:
     """POST one image to <url>search as multipart; returns (HTTP status, JSON body)."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"query\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
     req = urllib.request.Request(f"{url.rstrip('/')}/search?k={k}", data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                          **auth_headers(token)})
     return _send(req, timeout)
 
 
-def post_json(url: str, payload: dict, timeout: float = 30.0) -> tuple[int, dict]:
+def post_json(url: str, payload: dict, timeout: float = 30.0, token: Optional[str] = None) -> tuple[int, dict]:
     req = urllib.request.Request(f"{url.rstrip('/')}/search", data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **auth_headers(token)})
     return _send(req, timeout)
 
 
