@@ -142,7 +142,7 @@ def bare_rates(uri: str, loaded, batch_size: int, threads: int, use_gpu: bool) -
     import torch
 
     from sscq_dist.data.augment import eval_view
-    from sscq_dist.encoding import load_images
+    from sscq_dist.model.encoding import load_images
 
     t0 = time.perf_counter()
     images = load_images(uri, loaded.cfg).images

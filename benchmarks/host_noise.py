@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     train_uri = bs.ensure_source(a.source, a.data_dir)[0]
     cfg = load_config(a.config, [f"data.train_uri={train_uri}", *a.overrides])
     cores = bs.cpu_cores()
-    from sscq_dist.encoding import load_images
+    from sscq_dist.model.encoding import load_images
 
     images = load_images(train_uri, cfg, limit=tt.PLAIN_BATCHES * cfg.train.global_batch_size).images
     rows: list[dict] = []

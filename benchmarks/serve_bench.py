@@ -187,7 +187,7 @@ class PerPartLoop:
         self.parts = [load_partition(root, snap, [p]) for p in snap.parts]  # one index per part
 
     def search(self, q: np.ndarray) -> np.ndarray:
-        from sscq_dist.search import merge_topk
+        from sscq_dist.serving.searcher import merge_topk
 
         res = [p.search(q[None], K) for p in self.parts]
         return merge_topk([r.distances for r in res], [r.ids for r in res], K)[1][0]
@@ -308,7 +308,7 @@ def main() -> int:
     import faiss
 
     faiss.omp_set_num_threads(1)  # one query at a time on one thread, as a partition replica searches
-    from sscq_dist.search import Searcher
+    from sscq_dist.serving.searcher import Searcher
 
     res: dict = {"rows": a.rows, "parts": a.parts, "queries": a.queries, "concurrency": a.concurrency,
                  "cpus": os.cpu_count(), "in_process": {}, "per_part_loop": {}, "http": {}}

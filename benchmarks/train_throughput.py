@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         print(f"{w} worker(s): {ray_runs[-1]['images_per_s']:.0f} images/s, "
               f"data wait {100 * ray_runs[-1]['data_wait_fraction']:.1f}%", flush=True)
     print("=== plain PyTorch", flush=True)
-    from sscq_dist.encoding import load_images
+    from sscq_dist.model.encoding import load_images
 
     images = load_images(train_uri, base, limit=PLAIN_BATCHES * base.train.global_batch_size).images
     plain = plain_rate(base, images, a.plain_steps, a.plain_warmup, cores)

@@ -67,10 +67,10 @@ def _free_port() -> int:
 
 def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
     from sscq_dist.evaluate_job import run_evaluation
-    from sscq_dist.indexing.job import run_reindex
+    from sscq_dist.reindex_job import run_reindex
     from sscq_dist.ingest import ingest
     from sscq_dist.promotion import promote
-    from sscq_dist.query import QueryService
+    from sscq_dist.serving.query import QueryService
     from sscq_dist.storage import list_files, resolve
     from sscq_dist.train.driver import init_ray, run_training
 
@@ -102,7 +102,7 @@ def run_demo(cfg: Config, paths: DemoPaths = DemoPaths()) -> dict:
 
     _step("6/7 search in process (a held-out query image over all parts)")
     svc = QueryService.open(paths.index_root, cfg, cache_dir=os.path.join(".cache", "index"))
-    from sscq_dist.encoding import load_images
+    from sscq_dist.model.encoding import load_images
 
     q = load_images(cfg.data.queries_uri, cfg, limit=1)
     res = svc.searcher.search(svc.embed(q.images), 5)

@@ -15,7 +15,7 @@ import numpy as np
 
 from sscq_dist import evaluation as ev
 from sscq_dist.config import Config
-from sscq_dist.encoding import EncodedSet, ImageSet, embed_images, codes_from_embeddings, load_images
+from sscq_dist.model.encoding import EncodedSet, ImageSet, embed_images, codes_from_embeddings, load_images
 from sscq_dist.errors import SSCQError
 
 

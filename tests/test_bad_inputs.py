@@ -146,8 +146,8 @@ def test_reindex_encodes_good_rows_and_counts_bad_ones(mixed_shard, model_dir, t
     from mlflow.tracking import MlflowClient
 
     from sscq_dist.indexing import faiss_index as fi
-    from sscq_dist.indexing.job import REINDEX_EXPERIMENT, run_reindex
-    from sscq_dist.search import Searcher
+    from sscq_dist.reindex_job import REINDEX_EXPERIMENT, run_reindex
+    from sscq_dist.serving.searcher import Searcher
 
     cfg = make_cfg(tmp_path, str(tmp_path), "index.encode_batch_size=4")
     root = str(tmp_path / "index")

@@ -336,10 +336,10 @@ def test_end_to_end_through_real_servers(dev_stack, tmp_path, monkeypatch):
     assert str(client.get_model_version_by_alias("sscq", "champion").version) == version
 
     from sscq_dist.config import load_config
-    from sscq_dist.encoding import encode_set
+    from sscq_dist.model.encoding import encode_set
     from sscq_dist.evaluation import labels_to_matrix, rank_pq, retrieval_metrics
     from sscq_dist.indexing.formats import open_current
-    from sscq_dist.query import QueryService
+    from sscq_dist.serving.query import QueryService
     from sscq_dist.storage import resolve
 
     cfg = load_config(str(REPO / "configs" / "digits.yaml"), common)

@@ -17,19 +17,19 @@ from conftest import REPO
 from fault_helpers import assert_one_error_line, job_env, random_model_dir, record_s3_requests, run_job
 from sscq_dist import storage
 from sscq_dist.data.schema import IMAGE_SCHEMA
-from sscq_dist.encoding import encode_set
+from sscq_dist.model.encoding import encode_set
 from sscq_dist.errors import IndexError_
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.build import BuildJob, build_parts
 from sscq_dist.indexing.formats import list_generations, read_current, read_snapshot, snapshot_loc, version_loc
-from sscq_dist.indexing.job import run_reindex
+from sscq_dist.reindex_job import run_reindex
 from sscq_dist.indexing.lock import IndexLock
 from sscq_dist.indexing.plan import list_source_shards
 from sscq_dist.indexing.reindex import encode_config, model_version, reindex
 from sscq_dist.indexing.trained import ensure_trained_index
 from sscq_dist.ingest import ingest, png_bytes
 from sscq_dist.registry import load_model
-from sscq_dist.search import Searcher
+from sscq_dist.serving.searcher import Searcher
 from sscq_dist.storage import resolve
 
 DIGITS_YAML = os.path.join(REPO, "configs", "digits.yaml")
@@ -269,7 +269,7 @@ def test_checksum_mismatch_and_lock_refusal(tmp_path, random_model, images, ray_
 
 def test_index_metrics_measure_a_sample_of_parts_above_the_row_cap(tmp_path, random_model, images, ray_local):
     """The reindex driver's quality check loads at most index.metrics_max_rows vectors."""
-    from sscq_dist.indexing.metrics import index_metrics
+    from sscq_dist.serving.index_quality import index_metrics
 
     cfg = small_cfg(tmp_path, "index.metrics_max_rows=450")
     reindex(images, str(tmp_path / "index"), random_model, cfg, progress=False)

@@ -176,7 +176,7 @@ def test_s3_outage_mid_reindex(s3_endpoint, tmp_path, ray_local, caplog):
     from sscq_dist.indexing.formats import parse_part_ids, parse_part_record
     from sscq_dist.indexing.reindex import reindex
     from sscq_dist.ingest import ingest
-    from sscq_dist.search import Searcher
+    from sscq_dist.serving.searcher import Searcher
 
     # A short lease: the failed run cannot delete its lock while the endpoint is down, and
     # the rerun below (same process, so not a dead holder) waits for that lease to lapse.
@@ -281,7 +281,7 @@ class IndexObserver:
 
 def _final_ids(root: str, cfg) -> np.ndarray:
     from sscq_dist.indexing import faiss_index as fi
-    from sscq_dist.search import Searcher
+    from sscq_dist.serving.searcher import Searcher
 
     s = Searcher.open(root, cfg.storage)
     return np.concatenate([fi.index_codes(p)[0] for p in s.parts])

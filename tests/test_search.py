@@ -15,7 +15,7 @@ from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.formats import (PART_META_SCHEMA, TRAINED_FILE, PartRows, Snapshot, SourceShard, now_iso,
                                         parse_part, part_bytes, part_files, sha256_hex, snapshot_loc, version_loc,
                                         read_snapshot, write_current, write_part, write_snapshot)
-from sscq_dist.search import Searcher, merge_topk
+from sscq_dist.serving.searcher import Searcher, merge_topk
 from sscq_dist.records import to_plain
 
 M = 8

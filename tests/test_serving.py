@@ -27,11 +27,11 @@ from conftest import free_port
 from fault_helpers import random_model_dir, wait_for
 from sscq_dist.config import ServeConfig
 from sscq_dist.data.decode import decode_image
-from sscq_dist.encoding import embed_images
+from sscq_dist.model.encoding import embed_images
 from sscq_dist.indexing.formats import read_current
 from sscq_dist.indexing.reindex import reindex
 from sscq_dist.registry import load_model
-from sscq_dist.search import Searcher
+from sscq_dist.serving.searcher import Searcher
 from sscq_dist.serving.service import post_image, post_json
 from sscq_dist.storage import resolve
 

@@ -11,7 +11,7 @@ from sscq_dist import storage
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.formats import (PartEntry, SourceShard, open_current, read_snapshot, write_current,
                                         write_snapshot)
-from sscq_dist.search import Searcher, merge_topk
+from sscq_dist.serving.searcher import Searcher, merge_topk
 from sscq_dist.serving.partition import load_partition
 from sscq_dist.serving.planner import partition_bytes, plan_moves, plan_partitions
 from test_search import codebooks, dataset, empty_index, read_parts_of, write_root

@@ -36,7 +36,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 def run(a: argparse.Namespace, cfg: Config) -> int:
     from sscq_dist.console import CONSOLE
-    from sscq_dist.indexing.job import run_reindex
+    from sscq_dist.reindex_job import run_reindex
     from sscq_dist.train.driver import init_ray
 
     init_ray(cfg, a.address)

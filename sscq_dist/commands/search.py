@@ -21,7 +21,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 def run(a: argparse.Namespace, cfg: Config) -> int:
     from sscq_dist.console import CONSOLE
-    from sscq_dist.query import QueryService
+    from sscq_dist.serving.query import QueryService
 
     svc = QueryService.open(a.index_root, cfg, cache_dir=a.cache_dir)
     CONSOLE.line(f"index {a.index_root}: model version {svc.searcher.version}, {svc.searcher.ntotal} images")

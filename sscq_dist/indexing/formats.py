@@ -70,7 +70,7 @@ SNAPSHOTS_DIR = "snapshots"
 TRAINED_FILE = "trained.index"
 PART_SUFFIX = ".parquet"
 RECORD_SUFFIX = ".json"
-# Served-index quality report of a version (indexing/metrics.py), kept while the version serves.
+# Served-index quality report of a version (serving/index_quality.py), kept while the version serves.
 METRICS_FILE = "index_metrics.json"
 REBUILD_HINT = ("rebuild it: run the reindex into a new --index-root (this reader understands index format "
                 f"{SCHEMA_VERSION}: lean parts against one trained.index)")

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from sscq_dist.config import Config
-from sscq_dist.indexing.metrics import index_metrics, write_index_metrics
+from sscq_dist.serving.index_quality import index_metrics, write_index_metrics
 from sscq_dist.indexing.reindex import ReindexSummary, reindex
 from sscq_dist.storage import redact_uri
 
@@ -20,7 +20,7 @@ def held_out_queries(cfg: Config, model) -> "object":
     """Embeddings of up to index.metrics_queries held-out images (data.queries_uri), or None."""
     import numpy as np
 
-    from sscq_dist.encoding import embed_images, load_images
+    from sscq_dist.model.encoding import embed_images, load_images
     from sscq_dist.errors import SSCQError
 
     try:

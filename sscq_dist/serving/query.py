@@ -17,7 +17,7 @@ from sscq_dist.data.decode import decode_image
 from sscq_dist.errors import SSCQError
 from sscq_dist.indexing.formats import check_codebooks
 from sscq_dist.registry import load_model
-from sscq_dist.search import Searcher, SearchResult
+from sscq_dist.serving.searcher import Searcher, SearchResult
 
 
 @dataclass
@@ -37,7 +37,7 @@ class QueryService:
         return cls(searcher, loaded.model, loaded.cfg)
 
     def embed(self, images_u8: np.ndarray) -> np.ndarray:
-        from sscq_dist.encoding import embed_images
+        from sscq_dist.model.encoding import embed_images
 
         return embed_images(self.model, images_u8)
 
