@@ -291,7 +291,7 @@ def test_reindex_driver_killed_at_three_points(digits_all, tmp_path, ray_local):
     """Version B is built beside serving version A; its driver is SIGKILLed (a) while parts are
     being built, (b) after every part record but before the snapshot, (c) between the snapshot
     and CURRENT. Each rerun resumes; CURRENT names a whole snapshot at every observation; the
-    final index reads back each source row exactly once from the FAISS files."""
+    final index reads back each source row exactly once from the part files."""
     from sscq_dist.indexing.reindex import reindex
 
     root = str(tmp_path / "index")
@@ -352,7 +352,7 @@ def test_reindex_driver_killed_at_three_points(digits_all, tmp_path, ray_local):
     assert obs.observe() == f"{ver_b}/00000001" and obs.snapshots(ver_b) == ["00000001.json"]
     ids = _final_ids(root, cfg)
     assert len(ids) == 1797 and len(set(ids.tolist())) == 1797
-    assert len([f for f in os.listdir(os.path.join(root, "models", ver_b, "parts")) if f.endswith(".index")]) == 18
+    assert len([f for f in os.listdir(os.path.join(root, "models", ver_b, "parts")) if f.endswith(".parquet")]) == 18
     assert len(obs.seen) > 20 and set(obs.seen) == {a.snapshot, f"{ver_b}/00000001"}
 
 
