@@ -427,9 +427,11 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in dict.fromkeys(r["candidate"] for r in rows):
+    colours = plt.get_cmap("tab20").colors  # one colour per candidate (tab10 repeats after 10)
+    for i, name in enumerate(dict.fromkeys(r["candidate"] for r in rows)):
         pts = sorted((r["train_s"], r["map_codes"]) for r in rows if r["candidate"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[i % 4], color=colours[i % 20],
+                ls="-" if i < 10 else "--", label=name)
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel("mAP@1000, 32-bit codes (ADC), val split")
     ax.grid(alpha=0.3)
