@@ -170,3 +170,22 @@ def test_index_scale_smoke_metadata_flat_and_driver_gets_records_only(tmp_path, 
     ap = res["append"]
     assert ap["encoded_shards"] == 2 and ap["rows"] == res["new"][-1]["build"]["rows"] + 2 * res["rows_per_shard"]
     assert res["snapshot"]["parts"] == 1000 and res["snapshot"]["read_s"] < 30
+
+
+def test_recipe_study_smoke(tmp_path):
+    """recipe_study.py: its torch ADC mAP equals evaluation.py's, and a candidate trains and is scored."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"  # 5,000 queries are held out, so > 5,000 train images
+    np.savez(data, train_x=rng.integers(0, 256, (5300, 28, 28), dtype=np.uint8),
+             train_y=rng.integers(0, 10, 5300).astype(np.uint8))
+    out = tmp_path / "study"
+    run_script("recipe_study.py", ["--data", data, "--device", "cpu", "--check-eval", "--budget-s", "60",
+                                   "--max-steps", "1", "--q-limit", "20", "--only", "baseline", "--out", out], tmp_path)
+    rows = [json.loads(line) for line in (out / "study.jsonl").read_text().splitlines()]
+    check = rows[0]["check_eval"]
+    assert check["ok"] and check["gap_adc"] <= 1e-6, check
+    final = [r for r in rows[1:] if r.get("fraction") == 1.0]
+    assert [r["candidate"] for r in final] == ["baseline"] and final[0]["steps"] == 1
+    assert 0 <= final[0]["map_codes"] <= 1 and (out / "map_vs_time.png").stat().st_size > 0
