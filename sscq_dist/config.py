@@ -20,7 +20,7 @@ from sscq_dist.errors import ConfigError
 from sscq_dist.records import build_record
 
 BITS_CHOICES = (16, 32, 64)
-BACKBONES = ("small_cnn", "resnet18_cifar", "resnet50")
+BACKBONES = ("small_cnn", "vgg8", "resnet18_cifar", "resnet50")
 INDEX_TYPES = ("pq_fastscan", "ivf_pq_fastscan")
 
 
@@ -96,12 +96,18 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"
-    # small_cnn channel multiplier (encoder capacity; cost grows with its square).
+    # small_cnn / vgg8 channel multiplier (encoder capacity; cost grows with its square).
     width: float = 1.0
     bits: int = 32
     num_codewords: int = 16  # K; 16 means 4-bit codes (FAISS fast-scan)
     codeword_dim: int = 16  # d
     head_hidden: int = 512
+    # Projection head depth: 2 = Linear-ReLU-Linear (the authors' head), 1 = one Linear
+    # (keeps more of the backbone's features in the quantized embedding).
+    head_layers: int = 2
+    # L2-normalise the embedding f and scale it by sqrt(M) (sub-vectors of unit mean
+    # squared norm), so quantizer distances follow cosine; tau_q must move with it.
+    normalize_embedding: bool = False
     tau_q: float = 0.2
     # SyncBatchNorm on GPU workers; torch refuses it on CPU tensors.
     sync_batchnorm: bool = True
@@ -160,7 +166,8 @@ class TrainConfig:
     # most N steps, not the rest of a long epoch.
     checkpoint_every_steps: int = 0
     # Speed switches; null = auto: on for CUDA workers (bf16 only where the GPU supports
-    # it), off on CPU where each measured slower or no faster (BENCHMARKS.md); true/false force.
+    # it); bf16 and channels_last also on CPUs with AMX bf16 (1.5-2.2x, issue 25), all off on
+    # other CPUs, where each measured slower or no faster (BENCHMARKS.md); true/false force.
     # bf16: forward under torch.autocast(bfloat16), fp32 weights and losses.
     bf16: Optional[bool] = None
     # channels_last: model and augmented views in channels-last memory format.
@@ -172,6 +179,10 @@ class TrainConfig:
     log_every_steps: int = 10
     # Cap on steps per epoch (0 = a full pass); used for smoke tests and benchmarks.
     max_steps_per_epoch: int = 0
+    # Training time budget in minutes (0 = off): the lr schedule is laid out over the steps
+    # that fit, from the step rate measured after warm-up (re-measured at every epoch end),
+    # and training stops there with a final checkpoint. train.epochs still caps the run.
+    time_budget_minutes: float = 0.0
 
 
 @dataclass
@@ -354,6 +365,7 @@ def validate(cfg: Config) -> Config:
     _check(m.bits % 4 == 0, "model.bits", f"must be divisible by log2(K)=4, got {m.bits}")
     _check(m.codeword_dim > 0, "model.codeword_dim", f"must be > 0, got {m.codeword_dim}")
     _check(m.head_hidden > 0, "model.head_hidden", f"must be > 0, got {m.head_hidden}")
+    _check(m.head_layers in (1, 2), "model.head_layers", f"must be 1 or 2, got {m.head_layers}")
     _check(0 < m.width <= 8, "model.width", f"must be in (0, 8], got {m.width}")
     for name in ("tau_q",):
         _check(getattr(m, name) > 0, f"model.{name}", f"temperature must be > 0, got {getattr(m, name)}")
@@ -402,6 +414,8 @@ def validate(cfg: Config) -> Config:
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", f"must be >= 0, got {t.max_steps_per_epoch}")
+    _check(math.isfinite(t.time_budget_minutes) and t.time_budget_minutes >= 0, "train.time_budget_minutes",
+           f"must be >= 0 (0 = off), got {t.time_budget_minutes}")
     b = cfg.bank
     _check(b.size >= 1, "bank.size", f"must be >= 1, got {b.size}")
     _check(b.size % t.num_workers == 0, "bank.size",

@@ -207,3 +207,22 @@ def test_serve_load_smoke_survives_a_swap_and_a_killed_replica(tmp_path, ray_loc
     for kind, m in r["rss_mb"].items():  # flat: a few MB, not a leak per request
         assert m["end"] - m["start"] < 50, (kind, m)
     print(f"serve_load smoke: {wall:.0f}s wall; {r['qps']:.1f} QPS, recovery {r['recovery_s']:.1f}s")
+
+
+def test_recipe_study_smoke(tmp_path):
+    """recipe_study.py: its torch ADC mAP equals evaluation.py's, and a candidate trains and is scored."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"  # 5,000 queries are held out, so > 5,000 train images
+    np.savez(data, train_x=rng.integers(0, 256, (5300, 28, 28), dtype=np.uint8),
+             train_y=rng.integers(0, 10, 5300).astype(np.uint8))
+    out = tmp_path / "study"
+    run_script("recipe_study.py", ["--data", data, "--device", "cpu", "--check-eval", "--budget-s", "60",
+                                   "--max-steps", "1", "--q-limit", "20", "--only", "baseline", "--out", out], tmp_path)
+    rows = [json.loads(line) for line in (out / "study.jsonl").read_text().splitlines()]
+    check = rows[0]["check_eval"]
+    assert check["ok"] and check["gap_adc"] <= 1e-6, check
+    final = [r for r in rows[1:] if r.get("fraction") == 1.0]
+    assert [r["candidate"] for r in final] == ["baseline"] and final[0]["steps"] == 1
+    assert 0 <= final[0]["map_codes"] <= 1 and (out / "map_vs_time.png").stat().st_size > 0

@@ -37,6 +37,10 @@ def test_overrides_are_typed():
     ("train.bf16=maybe", "train.bf16"),
     ("train.channels_last=2", "train.channels_last"),
     ("train.compile=fast", "train.compile"),
+    ("train.time_budget_minutes=-5", "train.time_budget_minutes"),
+    ("train.time_budget_minutes=inf", "train.time_budget_minutes"),
+    ("model.head_layers=3", "model.head_layers"),
+    ("model.backbone=vgg11", "model.backbone"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as exc:

@@ -72,7 +72,8 @@ def test_codebooks_xavier_init_range():
 
 @pytest.mark.parametrize(
     "name, channels, size, dim",
-    [("small_cnn", 1, 28, 128), ("small_cnn", 3, 12, 128), ("resnet18_cifar", 3, 32, 512),
+    [("small_cnn", 1, 28, 128), ("small_cnn", 3, 12, 128), ("vgg8", 1, 28, 128), ("vgg8", 1, 14, 128),
+     ("resnet18_cifar", 3, 32, 512),
      ("resnet18_cifar", 1, 16, 512), ("resnet50", 1, 32, 2048)],
 )
 def test_backbones_forward(name, channels, size, dim):
@@ -95,6 +96,36 @@ def test_small_cnn_width_scales_every_block():
     assert 3.5 * n_params(base) < n_params(wide) < 4.5 * n_params(base)  # conv weights grow with width^2
     with pytest.raises(Exception, match="width must be > 0"):
         build_backbone("small_cnn", 1, width=0)
+
+
+def test_vgg8_pools_between_stages():
+    net, _ = build_backbone("vgg8", 1, width=0.5)
+    convs = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [16, 32, 32, 64, 64]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 2  # 28 -> 14 -> 7
+
+
+def test_linear_head_and_normalised_embedding():
+    """head_layers=1 is one Linear; normalize_embedding gives |f| = sqrt(M) and codes from that f."""
+    cfg = ModelConfig(bits=32, head_layers=1, normalize_embedding=True, tau_q=0.1)
+    model = build_model(cfg, channels=1).eval()
+    assert [type(m) for m in model.head] == [torch.nn.Linear]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        h, f = model.encode(x)
+        out = model(x)
+    assert h.shape == (4, 128) and f.shape == (4, cfg.embedding_dim)
+    assert torch.allclose(f.norm(dim=1), torch.full((4,), cfg.num_codebooks ** 0.5), atol=1e-5)
+    assert torch.equal(out.codes, hard_codes(f, model.quantizer.codebooks))
+    plain = build_model(ModelConfig(bits=32), channels=1)
+    assert len(plain.head) == 3 and plain.embed_scale is None  # defaults unchanged
+
+
+def test_quantizer_runs_fp32_under_autocast():
+    model = build_model(ModelConfig(bits=32), channels=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 1, 28, 28))
+    assert out.f.dtype == out.z.dtype == out.soft.dtype == torch.float32
 
 
 def test_model_with_resnet_backbone_and_bad_input():

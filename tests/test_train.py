@@ -19,6 +19,35 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
 
 
+def test_budget_plan_follows_measured_rate():
+    from sscq_dist.train.loop import StepPlan, plan_budget_steps
+
+    # 10 steps measured in 2 s (5 steps/s), 60 s of a 100 s budget spent at step 250: 200 more.
+    assert plan_budget_steps(100.0, 60.0, 10, 2.0, 250, 10_000) == 450
+    assert plan_budget_steps(100.0, 60.0, 10, 2.0, 250, 300) == 300  # train.epochs caps it
+    assert plan_budget_steps(100.0, 120.0, 10, 2.0, 250, 10_000) == 250  # over budget: stop now
+    plan = StepPlan(1000)
+    f = lr_lambda(10, plan)
+    assert f(505) == pytest.approx(0.5, abs=1e-6)
+    plan.total = 100  # the schedule follows the plan when it moves
+    assert f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_time_budget_stops_training_and_registers(tmp_path, digits_dir, ray_local):
+    """train.time_budget_minutes: the run stops inside the budget, well before train.epochs,
+    with the lr schedule ended (cosine at 0) and the model registered as usual."""
+    from sscq_dist.train.driver import run_training
+
+    budget_min = 1.0  # well above the steps measured before the plan, even on busy shared cores
+    cfg = make_cfg(tmp_path, digits_dir, "train.epochs=200", "train.run_name=budget-test",
+                   f"train.time_budget_minutes={budget_min}", "train.warmup_epochs=0.5")
+    result = run_training(cfg)
+    m = result.metrics
+    assert result.version is not None
+    assert m["epoch"] + 1 < cfg.train.epochs  # stopped by the budget, not by the epoch count
+    assert m["lr"] < 0.05 * cfg.train.lr  # the schedule was laid out to end at the stop
+
+
 def test_training_registers_challenger_with_metrics_and_artifacts(trained):
     from mlflow.tracking import MlflowClient
 
@@ -202,6 +231,26 @@ def test_drop_ceiling_stops_training_and_registers_nothing(tmp_path, ray_local, 
     assert client.search_model_versions("name='sscq'") == []
 
 
+def test_cpu_precision_auto_follows_amx(tmp_path):
+    """Auto precision on CPU: bf16 + channels_last where /proc/cpuinfo lists amx_bf16, fp32 elsewhere."""
+    import torch
+
+    from sscq_dist.config import load_config
+    from sscq_dist.train.loop import Precision, cpu_has_amx_bf16, resolve_precision
+
+    amx, avx = tmp_path / "amx", tmp_path / "avx"
+    amx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+    avx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16\n")
+    assert cpu_has_amx_bf16(str(amx)) is True
+    assert cpu_has_amx_bf16(str(avx)) is False
+    t = load_config("configs/digits.yaml").train
+    cpu = torch.device("cpu")
+    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(True, True, False)
+    assert resolve_precision(t, cpu, cpu_amx=False) == Precision(False, False, False)
+    t.bf16, t.channels_last = False, False  # explicit settings win over detection
+    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(False, False, False)
+
+
 def test_precision_switches_run_a_step_on_cpu():
     """bf16 autocast, channels-last and torch.compile (the GPU defaults) are correct on CPU too."""
     import torch
@@ -210,11 +259,12 @@ def test_precision_switches_run_a_step_on_cpu():
     from sscq_dist.data.augment import two_views
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model
-    from sscq_dist.train.loop import Precision, _split, autocast, resolve_precision
+    from sscq_dist.train.loop import Precision, _split, autocast, cpu_has_amx_bf16, resolve_precision
 
     cfg = load_config("configs/digits.yaml")
     cpu = torch.device("cpu")
-    assert resolve_precision(cfg.train, cpu) == Precision(False, False, False)  # auto: off on CPU
+    amx = cpu_has_amx_bf16()
+    assert resolve_precision(cfg.train, cpu) == Precision(amx, amx, False)  # auto: bf16 + cl with AMX only
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
     results = {}
     for name, p in {"fp32": Precision(False, False, False), "bf16+cl": Precision(True, True, False),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sscq_dist.config import ModelConfig
@@ -48,13 +51,18 @@ class SSCQModel(nn.Module):
         m, d = cfg.num_codebooks, cfg.codeword_dim
         if m < 1:
             raise ConfigError(f"model.bits={cfg.bits} gives no codebook for K={cfg.num_codewords}")
-        self.head = nn.Sequential(
-            nn.Linear(backbone_dim, cfg.head_hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(cfg.head_hidden, m * d),
-        )
-        nn.init.normal_(self.head[0].weight, 0.0, HEAD_FIRST_LAYER_STD)
-        nn.init.xavier_uniform_(self.head[2].weight)
+        if cfg.head_layers == 1:
+            self.head = nn.Sequential(nn.Linear(backbone_dim, m * d))
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(backbone_dim, cfg.head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(cfg.head_hidden, m * d),
+            )
+            nn.init.normal_(self.head[0].weight, 0.0, HEAD_FIRST_LAYER_STD)
+        nn.init.xavier_uniform_(self.head[-1].weight)
+        # sqrt(M): each of the M unit-norm-on-average sub-vectors keeps the scale tau_q expects.
+        self.embed_scale = math.sqrt(m) if cfg.normalize_embedding else None
         self.quantizer = ProductQuantizer(m, cfg.num_codewords, d, cfg.tau_q)
 
     def _check_input(self, x: Tensor) -> None:
@@ -63,15 +71,29 @@ class SSCQModel(nn.Module):
                 f"SSCQModel expects images of shape (N, {self.channels}, H, W), got {tuple(x.shape)}"
             )
 
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(backbone features (N, backbone_dim), embedding f (N, M*d))."""
+        self._check_input(x)
+        h = self.backbone(x)
+        f = self.head(h)
+        if self.embed_scale is not None:
+            f = F.normalize(f.float(), dim=-1) * self.embed_scale
+        return h, f
+
     def embed(self, x: Tensor) -> Tensor:
         """Embedding f (N, M*d) only: the cheap path for encoding."""
-        self._check_input(x)
-        return self.head(self.backbone(x))
+        return self.encode(x)[1]
+
+    def quantize(self, f: Tensor) -> SSCQOutput:
+        """Soft and hard quantization of f, in fp32 even under autocast: sub-vector
+        distances to codewords are differences of near-equal numbers, which bf16 blurs."""
+        f = f.float()
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            z, soft, codes = self.quantizer(f)
+        return SSCQOutput(f=f, z=z, soft=soft, codes=codes)
 
     def forward(self, x: Tensor) -> SSCQOutput:
-        f = self.embed(x)
-        z, soft, codes = self.quantizer(f)
-        return SSCQOutput(f=f, z=z, soft=soft, codes=codes)
+        return self.quantize(self.embed(x))
 
 
 def build_model(cfg: ModelConfig, channels: int) -> SSCQModel:

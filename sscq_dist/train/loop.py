@@ -43,14 +43,43 @@ DROP_EXAMPLES_PER_RANK = 3
 # before a worker dies is lost. After a step checkpoint the worker waits this many polls.
 REPORT_POLLS_WAITED = 1.5
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up to 1, then cosine decay to 0 (multiplier for the base lr)."""
+# train.time_budget_minutes: steps skipped before the step rate is measured (first-call and
+# compile costs), and the fewest steps measured before the schedule is laid out.
+BUDGET_RATE_SKIP_STEPS = 3
+BUDGET_MIN_MEASURED_STEPS = 10
+
+
+@dataclass
+class StepPlan:
+    """Global steps the lr schedule spans; with a time budget, also where training stops.
+
+    Mutable: `plan_budget_steps` moves `total` once the step rate is measured.
+    """
+
+    total: int
+
+
+def lr_lambda(warmup_steps: int, total_steps: "int | StepPlan"):
+    """Linear warm-up to 1, then cosine decay to 0 (multiplier for the base lr).
+
+    total_steps: a fixed count, or a StepPlan read at every step (time-budget runs).
+    """
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        total = total_steps.total if isinstance(total_steps, StepPlan) else total_steps
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def plan_budget_steps(budget_s: float, elapsed_s: float, measured_steps: int, measured_s: float,
+                      global_step: int, max_steps: int) -> int:
+    """Global steps that fit in the time budget: those done plus the remaining time at the
+    measured rate (measured_steps in measured_s), never more than max_steps (train.epochs)."""
+    rate = measured_steps / max(measured_s, 1e-9)
+    remaining = max(0.0, budget_s - elapsed_s)
+    return int(min(max_steps, global_step + math.floor(rate * remaining)))
 
 
 def deepspeed_config(cfg: Config, local_batch: int) -> dict:
@@ -110,19 +139,41 @@ class Precision:
     compile: bool
 
 
-def resolve_precision(t: TrainConfig, device: torch.device) -> Precision:
-    """None (auto) = on for CUDA devices (bf16 only where the GPU supports it), off on CPU.
+CPUINFO = "/proc/cpuinfo"
 
-    Off on CPU because each measured slower or no faster there (BENCHMARKS.md); true forces
-    a switch on any device (all three are legal on CPU, which is how the tests run them).
+
+def cpu_has_amx_bf16(cpuinfo: str = CPUINFO) -> bool:
+    """True where the CPU has AMX bf16 tile units (the `amx_bf16` flag).
+
+    Reads the flags of `cpuinfo` (Linux); where that file is missing, asks torch's own probe.
+    Only AMX counts: there bf16 autocast + channels_last measured 1.5x (16 px) to 2.2x (28 px)
+    faster for the SSCQ step with no quality loss (issue 25); AVX-512 bf16 alone is unmeasured.
+    """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+        return False
+    except OSError:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe()) if probe is not None else False
+
+
+def resolve_precision(t: TrainConfig, device: torch.device, cpu_amx: Optional[bool] = None) -> Precision:
+    """None (auto) = bf16 and channels_last on CUDA devices (bf16 where the GPU supports it)
+    and on CPUs with AMX bf16 (`cpu_has_amx_bf16`, or `cpu_amx` when given); fp32 and the
+    default layout on other CPUs; compile on CUDA only (its start-up cost did not pay on CPU,
+    BENCHMARKS.md). true/false force a switch on any device (the tests run all three on CPU).
     """
     cuda = device.type == "cuda"
+    fast_cpu = device.type == "cpu" and (cpu_has_amx_bf16() if cpu_amx is None else cpu_amx)
 
     def pick(v: Optional[bool], auto: bool) -> bool:
         return auto if v is None else bool(v)
 
-    return Precision(bf16=pick(t.bf16, cuda and torch.cuda.is_bf16_supported()),
-                     channels_last=pick(t.channels_last, cuda), compile=pick(t.compile, cuda))
+    return Precision(bf16=pick(t.bf16, (cuda and torch.cuda.is_bf16_supported()) or fast_cpu),
+                     channels_last=pick(t.channels_last, cuda or fast_cpu), compile=pick(t.compile, cuda))
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -208,10 +259,12 @@ def train_func(loop_config: dict) -> None:
     if cfg.bank.enabled:
         bank = NeighborBank(cfg.model.num_codebooks, cfg.model.codeword_dim, cfg.bank.size, world, rank).to(device)
 
-    total_steps = steps_per_epoch * cfg.train.epochs
+    max_steps = steps_per_epoch * cfg.train.epochs
+    plan = StepPlan(max_steps)
+    budget_s = 60.0 * cfg.train.time_budget_minutes
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, plan))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, local_batch), dist_init_required=False)
@@ -225,11 +278,15 @@ def train_func(loop_config: dict) -> None:
         relay.line(text, force)  # a throttled few reach the operator's terminal
 
     pos = ResumePosition()
+    plan_frozen = False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag="sscq")
             pos = resume_position(client_state, steps_per_epoch)
+            if budget_s and "planned_steps" in client_state:
+                # A resumed budget run keeps its plan: the time before the failure is spent.
+                plan.total, plan_frozen = int(client_state["planned_steps"]), True
             if bank is not None:
                 bank.load_state_dict(torch.load(os.path.join(ckpt_dir, BANK_FILE.format(rank=rank)),
                                                 map_location=device, weights_only=True))
@@ -251,14 +308,35 @@ def train_func(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="sscq", client_state={
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "images_seen": images_seen, "seed": cfg.train.seed})
+                "images_seen": images_seen, "seed": cfg.train.seed, "planned_steps": plan.total})
             if bank is not None:
                 torch.save(bank.state_dict(), os.path.join(tmp, BANK_FILE.format(rank=rank)))
             if world > 1:
                 dist.barrier()  # every rank's part is on disk before the report
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    # Time budget: the clock runs from here; the step rate is measured from the
+    # BUDGET_RATE_SKIP_STEPS-th step on and the schedule is laid out once at least
+    # max(warm-up, BUDGET_MIN_MEASURED_STEPS) steps are measured, then again at every epoch end.
+    budget = {"t0": time.perf_counter(), "rate_t0": None, "rate_step0": 0, "planned": False}
+    run_steps = 0
+
+    def replan() -> None:
+        now = time.perf_counter()
+        total = plan_budget_steps(budget_s, now - budget["t0"], global_step - budget["rate_step0"],
+                                  now - budget["rate_t0"], global_step, max_steps)
+        t = torch.tensor([total], device=device)
+        if world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)  # every rank stops at the same step
+        plan.total = max(int(t.item()), global_step)
+        budget["planned"] = True
+        if rank == 0:
+            say(f"[train] time budget {cfg.train.time_budget_minutes:g} min: {plan.total} steps "
+                f"({plan.total / steps_per_epoch:.2f} epochs) planned at step {global_step}", force=True)
+
     for epoch in range(pos.epoch, cfg.train.epochs):
+        if budget_s and global_step >= plan.total:
+            break
         first_step = pos.step_in_epoch if epoch == pos.epoch else 0
         # One execution per epoch; its block order is seeded by (seed, epoch) in the dataset.
         stream = iter(shard.iter_torch_batches(
@@ -299,10 +377,17 @@ def train_func(loop_config: dict) -> None:
             usage += _codeword_usage(out_a.codes, k)
             steps += 1
             global_step += 1
+            run_steps += 1
             images_seen += n * world
             for t in sums:
                 sums[t] += float(losses[t].detach())
             t_ready = time.perf_counter()
+            if budget_s and not plan_frozen:
+                if run_steps == BUDGET_RATE_SKIP_STEPS:
+                    budget["rate_t0"], budget["rate_step0"] = t_ready, global_step
+                elif (not budget["planned"] and run_steps > BUDGET_RATE_SKIP_STEPS
+                      and global_step - budget["rate_step0"] >= max(warmup_steps, BUDGET_MIN_MEASURED_STEPS)):
+                    replan()
             rate = n * world * steps / max(1e-9, t_ready - epoch_t0 - checkpoint_s)
             if logger and global_step % cfg.train.log_every_steps == 0:
                 logger.log_metrics({**{f"loss/{t}": float(losses[t].detach()) for t in sums},
@@ -325,6 +410,12 @@ def train_func(loop_config: dict) -> None:
                           f"(global step {global_step})", flush=True)  # the log file only
                 checkpoint_s += time.perf_counter() - t_ck
                 t_ready = time.perf_counter()
+            if budget_s and global_step >= plan.total:
+                break  # the budget is spent: this epoch's metrics and the final checkpoint follow
+        stopped = bool(budget_s) and global_step >= plan.total
+        if budget_s and not plan_frozen and budget["rate_t0"] is not None and not stopped:
+            replan()  # correct the plan for the rate seen so far (checkpoints, evaluation pauses)
+            stopped = global_step >= plan.total
         epoch_s = time.perf_counter() - epoch_t0 - checkpoint_s
         _check_drops(drops, shard_uris, cfg.data.max_drop_fraction, world, device)
         metrics = _epoch_metrics(sums, steps, usage, drops, data_wait, epoch_s, world, device)
@@ -337,7 +428,7 @@ def train_func(loop_config: dict) -> None:
             logger.log_metrics({f"epoch/{k_}": v for k_, v in metrics.items() if k_ not in ("epoch", "fatal")},
                                step=global_step)
             logger.flush()
-        last = epoch + 1 == cfg.train.epochs
+        last = epoch + 1 == cfg.train.epochs or stopped
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
             save_and_report(metrics, epoch, steps_per_epoch)
         else:
