@@ -119,15 +119,21 @@ def build_rate(uri: str, loaded, cfg: Config, root: str) -> dict:
     forward + FAISS add + part writes), also after the first record (actor start-up excluded)."""
     from sscq_dist.indexing import faiss_index as fi
     from sscq_dist.indexing.build import BuildJob, build_parts
+    from sscq_dist.indexing.formats import version_loc
     from sscq_dist.indexing.plan import list_source_shards
     from sscq_dist.indexing.reindex import encode_config, model_version
+    from sscq_dist.indexing.trained import ensure_trained_index
     from sscq_dist.storage import resolve
 
     enc = encode_config(cfg, loaded)
     todo = list_source_shards(resolve(uri, cfg.storage))
-    job = BuildJob(root_uri=root, model_uri=loaded.uri, version=model_version(loaded),
-                   codebook_checksum=fi.codebook_checksum(loaded.codebooks), index_type="pq_fastscan",
-                   coarse_checksum="", cfg_dict=enc.to_dict())
+    version = model_version(loaded)
+    # Parts hold codes against the version's one trained index, written once before the build.
+    trained, _ = ensure_trained_index(version_loc(resolve(root, cfg.storage), version), todo, loaded.uri, enc,
+                                      loaded.codebooks)
+    job = BuildJob(root_uri=root, model_uri=loaded.uri, version=version,
+                   codebook_checksum=fi.codebook_checksum(loaded.codebooks), index_type=enc.index.index_type,
+                   coarse_checksum=trained, cfg_dict=enc.to_dict())
     r = build_parts(todo, job, enc, progress=False)
     rows = r.built_rows
     first = rows / max(1, len(r.records))  # the first part's rows (the shards are equal here)
