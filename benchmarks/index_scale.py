@@ -500,9 +500,6 @@ def main(argv=None) -> int:
     res["plan"] = plan_stability(a.plan_parts, a.plan_partitions)
     if a.swap_parts:
         res["swap"] = swap_reads(a.swap_parts, a.swap_partitions, os.path.join(a.out, "swap"))
-    res["plan"] = plan_stability(a.plan_parts, a.plan_partitions)
-    if a.swap_parts:
-        res["swap"] = swap_reads(a.swap_parts, a.swap_partitions, os.path.join(a.out, "swap"))
     for S in ([] if a.serving_only else sorted(set(a.shards) | set(a.baseline_shards))):
         images = os.path.join(a.out, f"images-{S}")
         write_shards(images, 0, S, a.rows, rng)
