@@ -87,7 +87,8 @@ class SSCQModel(nn.Module):
     def quantize(self, f: Tensor) -> SSCQOutput:
         """Soft and hard quantization of f, in fp32 even under autocast: sub-vector
         distances to codewords are differences of near-equal numbers, which bf16 blurs."""
-        f = f.float()
+        if f.dtype in (torch.float16, torch.bfloat16):  # fp64 (the equivalence tests) stays fp64
+            f = f.float()
         with torch.autocast(device_type=f.device.type, enabled=False):
             z, soft, codes = self.quantizer(f)
         return SSCQOutput(f=f, z=z, soft=soft, codes=codes)
