@@ -257,11 +257,14 @@ class IndexObserver:
         cur = os.path.join(self.root, "CURRENT")
         current = open(cur).read().strip() if os.path.exists(cur) else ""
         if current:
-            version, gen = current.split("/")
-            vdir = os.path.join(self.root, "models", version)
-            snap = json.load(open(os.path.join(vdir, "snapshots", f"{gen}.json")))
-            for p in snap["parts"]:
-                assert os.path.getsize(os.path.join(vdir, p["index_file"])) == p["index_bytes"], current
+            from sscq_dist import storage
+            from sscq_dist.indexing.formats import ManifestCache, read_snapshot
+
+            vdir = os.path.join(self.root, "models", current.split("/")[0])
+            # Its manifest list and every manifest read afresh (a cache of its own), then the parts.
+            snap = read_snapshot(storage.resolve(self.root), current, cache=ManifestCache())
+            for p in snap.parts:
+                assert os.path.getsize(os.path.join(vdir, p.index_file)) == p.index_bytes, current
         self.seen.append(current)
         return current
 
