@@ -101,7 +101,17 @@ def start_local(index_root: str, cfg: Config, model_uri: Optional[str] = None, h
     host needs a token (SSCQ_SERVE_TOKEN or serve.token_file) unless serve.insecure_no_auth."""
     host = host or cfg.serve.host
     port = int(port or cfg.serve.port)
-    token = decide_auth(host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)
+    token = decide_auth(host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)  # before any start
     serve.start(http_options={"host": host, "port": port})
+    # A Serve instance already running on this cluster keeps its proxy's bind (Serve ignores new
+    # http_options): answer with the real address, and decide auth on the real bind host.
+    from ray.serve.context import _get_global_client
+
+    bound = _get_global_client().http_config
+    if (bound.host, int(bound.port)) != (host, port):
+        log.warning("Ray Serve already runs here with its HTTP proxy on %s:%s; serving there, not on %s:%s",
+                    bound.host, bound.port, host, port)
+        host, port = bound.host, int(bound.port)
+        token = decide_auth(host, load_token(cfg.serve.token_file), cfg.serve.insecure_no_auth)
     serve.run(build_application(index_root, cfg, model_uri, token), name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}/"
