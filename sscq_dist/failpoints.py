@@ -4,14 +4,14 @@ A point does nothing unless the environment variable SSCQ_FAILPOINTS names it, e
 `SSCQ_FAILPOINTS="reindex.after_snapshot=kill"`. Actions:
 - `kill`: SIGKILL this process right here (a real crash at an exact step);
 - `sleep(S)`: pause S seconds (lets a test act, e.g. take the lock over, at that step);
-- `wait(PATH)`: the first caller in any process creates PATH.reached and waits (at most 120 s)
-  until PATH exists; later callers pass through. Orders a race by files, not by sleeps;
 - `oserror_once(PATH)`: the first caller that creates PATH raises OSError (a transient storage
   error); later callers pass through.
 - `pause(DIR)`: create `DIR/<name>.reached`, then wait until the test creates
   `DIR/<name>.release` (the test acts at that exact step, e.g. takes the lock over, with no
   wall-clock race; files work across processes). A point never released raises after
   PAUSE_LIMIT_S instead of hanging its job.
+- `pause_once(DIR)`: the same for the first caller in any process only; later callers pass
+  through (a race: one writer stops at the step while another goes past it).
 Production runs never set the variable; the cost of an unset point is one dict lookup.
 """
 
@@ -24,12 +24,16 @@ import time
 
 ENV = "SSCQ_FAILPOINTS"
 _SLEEP = re.compile(r"^sleep\((\d+(?:\.\d+)?)\)$")
-_WAIT = re.compile(r"^wait\((.+)\)$")
 _OSERROR_ONCE = re.compile(r"^oserror_once\((.+)\)$")
-WAIT_LIMIT_S = 120.0
-_PAUSE = re.compile(r"^pause\((.+)\)$")
+_PAUSE = re.compile(r"^pause(_once)?\((.+)\)$")
 PAUSE_LIMIT_S = 900.0
 _PAUSE_POLL_S = 0.02
+
+
+def forwarded_env() -> dict[str, str]:
+    """{ENV: spec} when this process has failpoints set, else {}: what a deployer hands to the
+    processes it starts (Serve replicas), which do not inherit its environment."""
+    return {ENV: os.environ[ENV]} if os.environ.get(ENV) else {}
 
 
 def _actions() -> dict[str, str]:
@@ -48,10 +52,6 @@ def failpoint(name: str) -> None:
     if m:
         time.sleep(float(m.group(1)))
         return
-    m = _WAIT.match(action)
-    if m:
-        _wait_for_file(m.group(1))
-        return
     m = _OSERROR_ONCE.match(action)
     if m:
         try:
@@ -61,26 +61,19 @@ def failpoint(name: str) -> None:
         raise OSError(f"failpoint {name}: injected transient error")
     m = _PAUSE.match(action)
     if m:
-        _pause(name, m.group(1))
+        _pause(name, m.group(2), once=bool(m.group(1)))
         return
     raise ValueError(f"{ENV}: unknown action {action!r} for failpoint {name!r} "
-                     "(kill, sleep(S), wait(PATH), pause(DIR) or oserror_once(PATH))")
+                     "(kill, sleep(S), pause(DIR), pause_once(DIR) or oserror_once(PATH))")
 
 
-def _wait_for_file(path: str) -> None:
-    try:
-        os.close(os.open(path + ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return  # another caller holds this point
-    with open(path + ".reached", "w"):
-        pass
-    deadline = time.monotonic() + WAIT_LIMIT_S
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def _pause(name: str, folder: str) -> None:
+def _pause(name: str, folder: str, once: bool) -> None:
     os.makedirs(folder, exist_ok=True)
+    if once:
+        try:  # O_EXCL: exactly one caller, in any process, claims the point
+            os.close(os.open(os.path.join(folder, f"{name}.claimed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
     with open(os.path.join(folder, f"{name}.reached"), "w") as f:
         f.write(str(os.getpid()))
     release = os.path.join(folder, f"{name}.release")

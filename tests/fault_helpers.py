@@ -105,16 +105,17 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
 
 class Pause:
     """A `pause(DIR)` failpoint (sscq_dist/failpoints.py) a test holds and releases: the code
-    under test stops at the named step until `release()`; `reached()` waits until it is there."""
+    under test stops at the named step until `release()`; `reached()` waits until it is there.
+    once=True: only the first caller stops (`pause_once`), later ones pass through."""
 
-    def __init__(self, folder: str, name: str):
-        self.folder, self.name = str(folder), name
+    def __init__(self, folder: str, name: str, once: bool = False):
+        self.folder, self.name, self.once = str(folder), name, once
         os.makedirs(self.folder, exist_ok=True)
 
     @property
     def spec(self) -> str:
         """The SSCQ_FAILPOINTS entry."""
-        return f"{self.name}=pause({self.folder})"
+        return f"{self.name}={'pause_once' if self.once else 'pause'}({self.folder})"
 
     def reached(self, timeout: float = JOB_TIMEOUT_S, alive=None) -> None:
         """Wait until the point is reached; `alive()` returning False (a job that exited) fails early."""
@@ -127,6 +128,14 @@ class Pause:
 
     def release(self) -> None:
         open(os.path.join(self.folder, f"{self.name}.release"), "w").close()
+
+    def hold(self) -> None:
+        """Close a released point again: callers from now on stop there (and mark it reached)."""
+        for suffix in (".release", ".reached"):
+            try:
+                os.remove(os.path.join(self.folder, self.name + suffix))
+            except FileNotFoundError:
+                pass
 
 
 def promotion_writes(uri: str, name: str, version: str) -> tuple:

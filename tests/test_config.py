@@ -41,6 +41,8 @@ def test_overrides_are_typed():
     ("train.time_budget_minutes=inf", "train.time_budget_minutes"),
     ("model.head_layers=3", "model.head_layers"),
     ("model.backbone=vgg11", "model.backbone"),
+    ("train.optimizer=lamb", "train.optimizer"),
+    ("train.momentum=1.0", "train.momentum"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as exc:

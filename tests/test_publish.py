@@ -1,7 +1,7 @@
 """Commits of an index root: compare-and-swap CURRENT, stale fences, GC with reader leases.
 
 No Ray here: snapshots name small part files written by the test; the S3 root is moto's
-server (conftest `s3_bucket`). Races are ordered by files (failpoint `wait(PATH)`), not sleeps.
+server (conftest `s3_bucket`). Races are ordered by files (failpoint `pause_once(DIR)`), not sleeps.
 """
 
 import os
@@ -17,6 +17,8 @@ from sscq_dist.indexing.formats import (PartEntry, SourceShard, part_files, part
 from sscq_dist.indexing.leases import ReaderLease
 from sscq_dist.indexing.lock import IndexLock
 from sscq_dist.indexing.publish import GcPolicy, collect_garbage, new_snapshot, publish_snapshot
+
+from fault_helpers import Pause
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -63,8 +65,8 @@ def test_two_writers_race_the_flip_and_exactly_one_wins(s3_bucket, tmp_path, mon
     root = storage.resolve(f"s3://{s3_bucket}/index")
     a = IndexLock(root, "writer-A", 60).acquire()
     base = None if first else commit(root, 1, [part(root, 0)], a)
-    gate = str(tmp_path / "go")
-    monkeypatch.setenv("SSCQ_FAILPOINTS", f"publish.before_current_cas=wait({gate})")
+    gate = Pause(tmp_path / "fp", "publish.before_current_cas", once=True)
+    monkeypatch.setenv("SSCQ_FAILPOINTS", gate.spec)
     expected = read_current(root)
     snap_a = snap(2, [part(root, 0), part(root, 1)], expected, a)
     outcome = {}
@@ -77,14 +79,11 @@ def test_two_writers_race_the_flip_and_exactly_one_wins(s3_bucket, tmp_path, mon
             outcome["A"] = str(exc)
     t = threading.Thread(target=writer_a)
     t.start()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(gate + ".reached") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert os.path.exists(gate + ".reached"), outcome
+    gate.reached(60, alive=t.is_alive)
     b = IndexLock(root, "writer-B", 60).acquire(force=True)
     snap_b = snap(3, [part(root, 0), part(root, 2)], expected, b)
     publish_snapshot(root, snap_b, expected, b, base=base)  # passes the claimed failpoint
-    open(gate, "w").close()
+    gate.release()
     t.join(60)
     assert outcome["A"].startswith(f"lost the race to flip s3://{s3_bucket}/index/CURRENT to 3/00000002: another "
                                    "writer committed first"), outcome

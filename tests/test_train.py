@@ -38,7 +38,9 @@ def test_time_budget_stops_training_and_registers(tmp_path, digits_dir, ray_loca
     with the lr schedule ended (cosine at 0) and the model registered as usual."""
     from sscq_dist.train.driver import run_training
 
-    budget_min = 1.0  # well above the steps measured before the plan, even on busy shared cores
+    # 24 s: the plan needs ~15 steps (warm-up, then BUDGET_MIN_MEASURED_STEPS measured), < 5 s
+    # even on busy shared cores; 200 epochs would take minutes.
+    budget_min = 0.4
     cfg = make_cfg(tmp_path, digits_dir, "train.epochs=200", "train.run_name=budget-test",
                    f"train.time_budget_minutes={budget_min}", "train.warmup_epochs=0.5")
     result = run_training(cfg)
@@ -249,6 +251,22 @@ def test_cpu_precision_auto_follows_amx(tmp_path):
     assert resolve_precision(t, cpu, cpu_amx=False) == Precision(False, False, False)
     t.bf16, t.channels_last = False, False  # explicit settings win over detection
     assert resolve_precision(t, cpu, cpu_amx=True) == Precision(False, False, False)
+
+
+def test_optimizer_switch_builds_adam_or_nesterov_sgd():
+    import torch
+
+    from sscq_dist.config import load_config
+    from sscq_dist.train.loop import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adam = make_optimizer(params, load_config("configs/digits.yaml").train)
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 1e-3
+    t = load_config("configs/digits.yaml", ["train.optimizer=sgd", "train.lr=0.1", "train.weight_decay=5e-4"]).train
+    sgd = make_optimizer(params, t)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["nesterov"], sgd.defaults["weight_decay"]) == \
+        (0.1, 0.9, True, 5e-4)
 
 
 def test_precision_switches_run_a_step_on_cpu():

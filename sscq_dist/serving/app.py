@@ -29,6 +29,7 @@ from ray import serve
 from sscq_dist import storage
 from sscq_dist.config import Config, load_config
 from sscq_dist.errors import SSCQError
+from sscq_dist.failpoints import forwarded_env
 from sscq_dist.serving.auth import Secret, decide_auth, load_token
 from sscq_dist.tracking import absolute_store_uri, tracking_uri
 from sscq_dist.serving.ingress import SearchIngress
@@ -57,12 +58,14 @@ def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = N
         cfg.tracking, tracking_uri=absolute_store_uri(tracking_uri(cfg.tracking))))
     health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s}
     runtime = runtime_settings(sv)
+    # Failpoints the tests set reach the replicas (unset in production: no runtime_env added).
+    env = {"runtime_env": {"env_vars": forwarded_env()}} if forwarded_env() else {}
     parts = [PartitionServer.options(name=partition_name(i), num_replicas=sv.replicas_per_partition,
-                                     ray_actor_options={"num_cpus": sv.partition_cpus}, user_config=runtime,
+                                     ray_actor_options={"num_cpus": sv.partition_cpus, **env}, user_config=runtime,
                                      max_ongoing_requests=32, **health).bind(i, sv.partitions, index_root, cfg)
              for i in range(sv.partitions)]
     return SearchIngress.options(name=INGRESS_NAME, num_replicas=sv.ingress_replicas,
-                                 ray_actor_options={"num_cpus": sv.ingress_cpus}, user_config=runtime,
+                                 ray_actor_options={"num_cpus": sv.ingress_cpus, **env}, user_config=runtime,
                                  max_ongoing_requests=max(100, sv.max_in_flight + 8),  # room for the guard's 503s
                                  max_queued_requests=sv.max_queued_requests,
                                  **health).bind(parts, index_root, cfg, model_uri, token)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from sscq_dist.errors import SSCQError
+from sscq_dist.failpoints import failpoint
 from sscq_dist.indexing.formats import read_current, read_snapshot
 from sscq_dist.indexing.leases import ReaderLease, default_replica_id
 from sscq_dist.serving.cache import prune_cache
@@ -132,6 +133,7 @@ class SnapshotHolder:
         return part
 
     def _load_snapshot(self, name: str) -> Partition:
+        failpoint("serving.load_snapshot")  # tests: hold a replica on what it serves (GC under leases)
         snap = read_snapshot(self.root, name)
         parts = plan_partitions(snap.parts, self.of)[self.number]
         return self._load(self.root, snap, parts, self.number, self.of, self.cache_dir, self.nprobe,

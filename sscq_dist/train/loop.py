@@ -49,6 +49,14 @@ BUDGET_RATE_SKIP_STEPS = 3
 BUDGET_MIN_MEASURED_STEPS = 10
 
 
+def make_optimizer(params, t) -> torch.optim.Optimizer:
+    """train.optimizer: Adam, or SGD with Nesterov momentum (train.momentum)."""
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0,
+                               weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
 @dataclass
 class StepPlan:
     """Global steps the lr schedule spans; with a time budget, also where training stops.
@@ -263,7 +271,7 @@ def train_func(loop_config: dict) -> None:
     plan = StepPlan(max_steps)
     budget_s = 60.0 * cfg.train.time_budget_minutes
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, plan))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
