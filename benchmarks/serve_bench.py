@@ -365,9 +365,7 @@ def main() -> int:
         configs = [(a.partitions[0], a.parts[0]), (a.partitions[-1], a.parts[1])]
     try:
         for pp, n in configs:
-            cfg = load_config(os.path.join(REPO, "configs", "digits.yaml"), [
-                f"serve.partitions={pp}", "serve.partition_cpus=0.5", "serve.ingress_cpus=0.5",
-                f"serve.cache_dir={os.path.abspath(os.path.join(a.work, 'cache'))}", "serve.watch_interval_s=60"])
+            cfg = load_config(os.path.join(REPO, "configs", "digits.yaml"), [f"serve.partitions={pp}", *serve_overrides(a)])
             t0 = time.perf_counter()
             url = start_local(roots[n], cfg, port=port, host="127.0.0.1", name=f"bench-p{pp}-n{n}",
                               route_prefix=f"/p{pp}n{n}")
@@ -434,6 +432,14 @@ class S3Emulator:
         self.proc.wait(timeout=30)
 
 
+def serve_overrides(a) -> list:
+    """Settings every benchmarked service shares."""
+    return ["serve.partition_cpus=0.5", "serve.ingress_cpus=0.5", "serve.watch_interval_s=60",
+            # All clients share one loopback address: the per-client rate limit would measure itself.
+            "serve.rate_limit_per_s=100000", "serve.rate_limit_burst=100000",
+            f"serve.cache_dir={os.path.abspath(os.path.join(a.work, 'cache'))}"]
+
+
 def results_run(a, roots: dict, queries: np.ndarray, port: int) -> dict:
     """QPS of `a.concurrency` clients: parts without labels vs with labels and thumbnail
     references (/search) vs the web page's pattern (/search, then /thumb of the first result);
@@ -446,11 +452,7 @@ def results_run(a, roots: dict, queries: np.ndarray, port: int) -> dict:
     from sscq_dist.config import load_config
     from sscq_dist.serving.app import start_local
 
-    cfg = load_config(os.path.join(REPO, "configs", "digits.yaml"), [
-        "serve.partitions=1", "serve.partition_cpus=0.5", "serve.ingress_cpus=0.5", "serve.watch_interval_s=60",
-        # One loopback client address: the per-client rate limit would measure itself, not the service.
-        "serve.rate_limit_per_s=100000", "serve.rate_limit_burst=100000",
-        f"serve.cache_dir={os.path.abspath(os.path.join(a.work, 'cache'))}"])
+    cfg = load_config(os.path.join(REPO, "configs", "digits.yaml"), ["serve.partitions=1", *serve_overrides(a)])
     urls = {key: start_local(root, cfg, port=port, host="127.0.0.1", name=f"bench-{key}", route_prefix=f"/{key}")
             for key, root in (("off", roots[a.parts[0]]), ("on", roots["labels"]))}
     out: dict = {}
