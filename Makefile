@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
+	# DeepSpeed compiles its CPU shared-memory all-reduce op on first use (~30 s of g++ inside the
+	# first training run): build it here, once per machine (nothing to build on GPU accelerators).
+	$(PY) -c "import deepspeed; from deepspeed.accelerator import get_accelerator; \
+		b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
+		b and deepspeed.ops.__compatible_ops__.get(b.NAME) and b.load()" >/dev/null 2>&1 \
+		|| echo "note: DeepSpeed's CPU comm op was not prebuilt; the first training run builds it"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@ Kill tests (driver at three points, an encoder actor mid-part) and the lock take
 tests/test_reliability.py.
 """
 
+import collections
 import json
 import os
 import tracemalloc
@@ -109,7 +110,11 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
     for q in range(200):
         own = int(enc.ids[q])
         assert int(ref_ids[q, 0]) == own or stored[int(ref_ids[q, 0])] == stored[own]
-    own_top5 = np.mean([int(enc.ids[q]) in res.ids[q] for q in range(200)])
+    # Ties: where more than 5 images share the query's own code, the index may rank any 5 of
+    # them first; then all 5 results must carry that code.
+    sharing = collections.Counter(stored.values())
+    own_top5 = np.mean([int(enc.ids[q]) in res.ids[q] or (sharing[stored[int(enc.ids[q])]] > 5 and all(
+        stored[int(i)] == stored[int(enc.ids[q])] for i in res.ids[q])) for q in range(200)])
     own_top1 = np.mean([stored[int(res.ids[q, 0])] == stored[int(enc.ids[q])] for q in range(200)])
     assert own_top5 >= 0.9 and own_top1 >= 0.75, (own_top5, own_top1)
     assert res.uris[0][0].startswith("sklearn:digits/")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_cfg
+from conftest import make_cfg, seed_mlflow_store
 from fault_helpers import (DIGITS_YAML, HungEndpoint, MlflowServer, Pause, assert_one_error_line, free_port,
                            job_cmd, job_env, kill_group, random_model_dir, run_job, start_job, wait_for)
 
@@ -455,6 +455,7 @@ def test_concurrent_reindex_one_proceeds(digits_all, tmp_path, ray_local):
 
 def _train_overrides(tmp_path, digits_dir, run_name: str, *extra: str) -> list[str]:
     """A tiny digits run: 3 short epochs, a checkpoint after each."""
+    seed_mlflow_store(tmp_path / "mlflow.db")
     return [f"data.train_uri={digits_dir}/train", f"data.queries_uri={digits_dir}/test",
             f"train.storage_path={tmp_path}/runs", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.output_dir={tmp_path}/outputs", f"train.run_name={run_name}", "train.epochs=3",

@@ -38,9 +38,9 @@ def test_time_budget_stops_training_and_registers(tmp_path, digits_dir, ray_loca
     with the lr schedule ended (cosine at 0) and the model registered as usual."""
     from sscq_dist.train.driver import run_training
 
-    # 24 s: the plan needs ~15 steps (warm-up, then BUDGET_MIN_MEASURED_STEPS measured), < 5 s
+    # 15 s: the plan needs ~15 steps (warm-up, then BUDGET_MIN_MEASURED_STEPS measured), < 5 s
     # even on busy shared cores; 200 epochs would take minutes.
-    budget_min = 0.4
+    budget_min = 0.25
     cfg = make_cfg(tmp_path, digits_dir, "train.epochs=200", "train.run_name=budget-test",
                    f"train.time_budget_minutes={budget_min}", "train.warmup_epochs=0.5")
     result = run_training(cfg)
