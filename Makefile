@@ -9,13 +9,14 @@ LOCK := requirements.lock
 
 .PHONY: install lock demo test test-fast clean
 
+# The last step builds DeepSpeed's CPU shared-memory all-reduce op, which it otherwise compiles
+# on first use (~30 s of g++ inside the first training run): once per machine (nothing to
+# build on GPU accelerators).
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
-	# DeepSpeed compiles its CPU shared-memory all-reduce op on first use (~30 s of g++ inside the
-	# first training run): build it here, once per machine (nothing to build on GPU accelerators).
 	$(PY) -c "import deepspeed; from deepspeed.accelerator import get_accelerator; \
 		b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
 		b and deepspeed.ops.__compatible_ops__.get(b.NAME) and b.load()" >/dev/null 2>&1 \

@@ -59,7 +59,7 @@ def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = N
     health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s}
     runtime = runtime_settings(sv)
     # Failpoints the tests set reach the replicas (unset in production: no runtime_env added).
-    env = {"runtime_env": {"env_vars": forwarded_env()}} if forwarded_env() else {}
+    env = {"runtime_env": {"env_vars": failpoints}} if (failpoints := forwarded_env()) else {}
     parts = [PartitionServer.options(name=partition_name(i), num_replicas=sv.replicas_per_partition,
                                      ray_actor_options={"num_cpus": sv.partition_cpus, **env}, user_config=runtime,
                                      max_ongoing_requests=32, **health).bind(i, sv.partitions, index_root, cfg)
