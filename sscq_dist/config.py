@@ -176,7 +176,8 @@ class TrainConfig:
     # other CPUs, where each measured slower or no faster (BENCHMARKS.md); true/false force.
     # bf16: forward under torch.autocast(bfloat16), fp32 weights and losses.
     bf16: Optional[bool] = None
-    # channels_last: model and augmented views in channels-last memory format.
+    # channels_last: model and augmented views in channels-last memory format (ZeRO 0 only:
+    # ZeRO 1-3 keep the weights in flat buffers in the default layout; auto is off there).
     channels_last: Optional[bool] = None
     # compile: torch.compile of the model (in place, checkpoints unchanged).
     compile: Optional[bool] = None
@@ -412,6 +413,8 @@ def validate(cfg: Config) -> Config:
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
     _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(not (t.channels_last and t.zero_stage), "train.channels_last",
+           f"true needs train.zero_stage=0: ZeRO {t.zero_stage} keeps the weights in flat buffers in the default layout")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", f"must be > 0, got {t.cpus_per_worker}")
     _check(t.max_failures >= -1, "train.max_failures", f"must be >= -1, got {t.max_failures}")

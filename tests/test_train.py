@@ -234,7 +234,8 @@ def test_drop_ceiling_stops_training_and_registers_nothing(tmp_path, ray_local, 
 
 
 def test_cpu_precision_auto_follows_amx(tmp_path):
-    """Auto precision on CPU: bf16 + channels_last where /proc/cpuinfo lists amx_bf16, fp32 elsewhere."""
+    """Auto precision on CPU: bf16 (+ channels_last under ZeRO 0) where /proc/cpuinfo lists amx_bf16,
+    fp32 elsewhere."""
     import torch
 
     from sscq_dist.config import load_config
@@ -245,12 +246,60 @@ def test_cpu_precision_auto_follows_amx(tmp_path):
     avx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16\n")
     assert cpu_has_amx_bf16(str(amx)) is True
     assert cpu_has_amx_bf16(str(avx)) is False
-    t = load_config("configs/digits.yaml").train
+    t = load_config("configs/digits.yaml", ["train.zero_stage=0"]).train
     cpu = torch.device("cpu")
     assert resolve_precision(t, cpu, cpu_amx=True) == Precision(True, True, False)
     assert resolve_precision(t, cpu, cpu_amx=False) == Precision(False, False, False)
+    t.zero_stage = 1  # ZeRO 1-3 own the weights' layout: auto channels-last is off there
+    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(True, False, False)
     t.bf16, t.channels_last = False, False  # explicit settings win over detection
     assert resolve_precision(t, cpu, cpu_amx=True) == Precision(False, False, False)
+
+
+def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch):
+    """A channels-last model through deepspeed.initialize (its start-up broadcast views each
+    weight as bytes, which channels-last weights refuse) and one optimizer step: the weights
+    end channels-last, the step changes them, state-dict keys are unchanged. ZeRO 1 with an
+    explicit channels_last=true is a config error naming the key."""
+    import torch
+    import torch.distributed as tdist
+
+    from conftest import free_port
+    from sscq_dist.config import load_config
+    from sscq_dist.data.augment import two_views
+    from sscq_dist.errors import ConfigError
+    from sscq_dist.losses.objective import SSCQObjective
+    from sscq_dist.model import build_model
+    from sscq_dist.train.loop import Precision, _split, make_engine, make_optimizer
+
+    with pytest.raises(ConfigError, match="train.channels_last"):
+        load_config("configs/digits.yaml", ["train.channels_last=true", "train.zero_stage=1"])
+    cfg = load_config("configs/digits.yaml", ["train.channels_last=true", "train.zero_stage=0",
+                                              "train.num_workers=1", "train.global_batch_size=16"])
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    tdist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 1)
+        keys = list(model.state_dict())
+        opt = make_optimizer(model.parameters(), cfg.train)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        engine, _, _ = make_engine(model, opt, sched, cfg, 16, Precision(False, True, False))
+        convs = [m.weight for m in engine.module.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                             for w in convs)  # (a 1-channel input conv's weight is both layouts)
+        before = convs[0].detach().clone()
+        imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
+        a, b = _split(engine(two_views(imgs, cfg.data.augment, seed=0, channels_last=True)), 16)
+        loss = SSCQObjective(cfg.loss, cfg.model)(a, b, engine.module.quantizer.codebooks.float())["total"]
+        engine.backward(loss)
+        engine.step()
+        assert torch.isfinite(loss) and not torch.equal(before, convs[0].detach())
+        assert list(engine.module.state_dict()) == keys
+    finally:
+        tdist.destroy_process_group()
 
 
 def test_optimizer_switch_builds_adam_or_nesterov_sgd():
@@ -282,7 +331,7 @@ def test_precision_switches_run_a_step_on_cpu():
     cfg = load_config("configs/digits.yaml")
     cpu = torch.device("cpu")
     amx = cpu_has_amx_bf16()
-    assert resolve_precision(cfg.train, cpu) == Precision(amx, amx, False)  # auto: bf16 + cl with AMX only
+    assert resolve_precision(cfg.train, cpu) == Precision(amx, False, False)  # auto: bf16 with AMX only (ZeRO 1)
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
     results = {}
     for name, p in {"fp32": Precision(False, False, False), "bf16+cl": Precision(True, True, False),

@@ -180,8 +180,30 @@ def resolve_precision(t: TrainConfig, device: torch.device, cpu_amx: Optional[bo
     def pick(v: Optional[bool], auto: bool) -> bool:
         return auto if v is None else bool(v)
 
+    # Channels-last weights only under ZeRO 0: ZeRO 1-3 put every parameter in a flat buffer in
+    # the default layout (config validation refuses an explicit true there).
     return Precision(bf16=pick(t.bf16, (cuda and torch.cuda.is_bf16_supported()) or fast_cpu),
-                     channels_last=pick(t.channels_last, cuda or fast_cpu), compile=pick(t.compile, cuda))
+                     channels_last=pick(t.channels_last, (cuda or fast_cpu) and t.zero_stage == 0),
+                     compile=pick(t.compile, cuda))
+
+
+def make_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, local_batch: int, precision: Precision):
+    """deepspeed.initialize, then the layout and compile switches on the engine's module.
+
+    Channels-last comes after initialize: DeepSpeed's start-up broadcast views every parameter
+    as bytes, which a channels-last weight refuses. `.to(memory_format=...)` swaps each
+    parameter's data in place, so the optimizer keeps the same Parameter objects.
+    """
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, local_batch), dist_init_required=False)
+    if precision.channels_last:
+        engine.module.to(memory_format=torch.channels_last)
+    if precision.compile:
+        engine.module.compile()  # in place: parameter names (checkpoints) unchanged
+    return engine, optimizer, scheduler
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -235,7 +257,6 @@ def epoch_shuffle_seed(seed: int, rank: int, epoch: int) -> int:
 def train_func(loop_config: dict) -> None:
     """Ray Train entry: loop_config = {"cfg": Config dict, "steps_per_epoch": int, "run_id": str|None,
     "tracking_uri": str|None, "shard_uris": list of source file URIs (index = the stream's `shard`)}."""
-    import deepspeed
     import ray.train
 
     from sscq_dist.data.augment import two_views
@@ -259,8 +280,6 @@ def train_func(loop_config: dict) -> None:
     model = build_model(cfg.model, cfg.data.channels)
     if use_gpu and cfg.model.sync_batchnorm and world > 1:
         model = convert_sync_batchnorm(model)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     objective = SSCQObjective(cfg.loss, cfg.model)
     local_batch = cfg.train.global_batch_size // world
     bank = None
@@ -273,11 +292,7 @@ def train_func(loop_config: dict) -> None:
     warmup_steps = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     optimizer = make_optimizer(model.parameters(), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, plan))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, local_batch), dist_init_required=False)
-    if precision.compile:
-        engine.module.compile()  # in place: parameter names (checkpoints) unchanged
+    engine, optimizer, scheduler = make_engine(model, optimizer, scheduler, cfg, local_batch, precision)
 
     relay = WorkerConsole(loop_config.get("progress_queue") if rank == 0 else None)
 
