@@ -435,6 +435,7 @@ class S3Emulator:
 def serve_overrides(a) -> list:
     """Settings every benchmarked service shares."""
     return ["serve.partition_cpus=0.5", "serve.ingress_cpus=0.5", "serve.watch_interval_s=60",
+            "serve.graceful_shutdown_wait_loop_s=0.5",
             # All clients share one loopback address: the per-client rate limit would measure itself.
             "serve.rate_limit_per_s=100000", "serve.rate_limit_burst=100000",
             f"serve.cache_dir={os.path.abspath(os.path.join(a.work, 'cache'))}"]

@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     cfg = load_config(bs.default_config("digits"), [f"tracking.tracking_uri=sqlite:///{os.path.abspath(a.work)}/mlflow.db"])
     sv = ServeConfig(partitions=a.partitions, partition_cpus=0.25, ingress_cpus=0.25, watch_interval_s=1.0,
                      retain_previous_s=10.0, cache_dir=os.path.abspath(os.path.join(a.work, "cache")),
-                     health_check_period_s=1.0, health_check_timeout_s=5.0, partition_timeout_s=a.deadline / 3,
+                     health_check_period_s=1.0, graceful_shutdown_wait_loop_s=0.5, health_check_timeout_s=5.0, partition_timeout_s=a.deadline / 3,
                      partition_retries=1, request_timeout_s=a.deadline,
                      rate_limit_per_s=100_000.0, rate_limit_burst=100_000)  # one client address: no rate limit here
     import dataclasses

@@ -298,6 +298,11 @@ class ServeConfig:
     # Serve health checks: how fast a dead replica is noticed and replaced.
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 10.0
+    # A replica being stopped (swap of settings, scale-down, app deletion) first waits this
+    # long for routers to stop sending to it, then until its requests finish (at most
+    # graceful_shutdown_timeout_s). Ray Serve's defaults; a single machine needs less.
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
     # Torch threads of an ingress replica (query encoding) and FAISS (OpenMP) threads of a
     # partition replica: one query is small, so replicas, not threads, use the cores.
     torch_threads: int = 1
@@ -473,6 +478,8 @@ def validate_serve(sv: ServeConfig) -> ServeConfig:
     for name in ("partition_cpus", "ingress_cpus", "watch_interval_s", "partition_timeout_s", "health_check_period_s",
                  "health_check_timeout_s", "rate_limit_per_s", "request_timeout_s"):
         _check(getattr(sv, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(sv, name)}")
+    for name in ("graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"):
+        _check(getattr(sv, name) >= 0, f"serve.{name}", f"must be >= 0, got {getattr(sv, name)}")
     _check(sv.retain_previous_s >= 0, "serve.retain_previous_s", f"must be >= 0, got {sv.retain_previous_s}")
     _check(sv.thumb_max_chunk_bytes >= 1, "serve.thumb_max_chunk_bytes", f"must be >= 1, got {sv.thumb_max_chunk_bytes}")
     _check(sv.thumb_cache_mb >= 0, "serve.thumb_cache_mb", f"must be >= 0, got {sv.thumb_cache_mb}")

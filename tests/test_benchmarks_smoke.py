@@ -109,8 +109,8 @@ def test_encode_throughput_smoke(tmp_path, data_dir, ray_local):
     assert 4.0 <= res["reindex"]["bytes_per_image"] < 64.0
 
 
-def test_stream_passes_smoke(tmp_path):
-    stdout, wall = run_script("stream_passes.py", ["--smoke"], tmp_path, timed=True)
+def test_stream_passes_smoke(tmp_path, ray_local):
+    stdout, wall = run_script("stream_passes.py", ["--smoke"], tmp_path, timed=True, ray=ray_local)
     rows = [[c.strip() for c in line.strip(" |").split("|")] for line in stdout.splitlines()
             if line.startswith("| one ")]
     assert len(rows) == 6  # 3 epochs x (one stream, one execution per epoch)

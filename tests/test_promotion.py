@@ -106,6 +106,26 @@ def test_missing_gate_set(trained, versions, tmp_path):
     assert built.candidate_map == pytest.approx(score_gate(name, v["trained_copy"], cfg).candidate_map)
 
 
+def _refusing_writes(db, fn):
+    """fn() while every write to the SQLite store at db fails with an error (triggers)."""
+    import sqlite3
+
+    con = sqlite3.connect(str(db), isolation_level=None)
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                         "AND name NOT LIKE 'sqlite_%'")]
+    triggers = [f"refuse_{op.lower()}_{t}" for t in tables for op in ("INSERT", "UPDATE", "DELETE")]
+    for t in tables:
+        for op in ("INSERT", "UPDATE", "DELETE"):
+            con.execute(f'CREATE TRIGGER refuse_{op.lower()}_{t} BEFORE {op} ON "{t}" '
+                        "BEGIN SELECT RAISE(ABORT, 'store refuses writes'); END")
+    try:
+        return fn()
+    finally:
+        for name in triggers:
+            con.execute(f"DROP TRIGGER {name}")
+        con.close()
+
+
 def _run_promote(args, env):
     return subprocess.run([sys.executable, os.path.join(REPO, "jobs", "promote.py"), *args], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -144,17 +164,11 @@ def test_promote_cli_exit_codes_and_mlflow_failure(trained, versions, tmp_path):
         "nogate": _start_promote(["--name", name, "--candidate", v["trained_copy"], "--config", str(empty)], env,
                                  cwd=str(tmp_path)),
     }
-    # Another writer holds the store's write lock for the whole run: reads (versions,
-    # aliases, artifacts) work, the first write after scoring fails.
-    import sqlite3
-
-    holder = sqlite3.connect(str(copy), isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        failed = _run_promote(["--candidate", v["untrained"], "--min-improvement", "-1", *common], env)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    # The store refuses every write for the whole run (triggers abort each INSERT, UPDATE and
+    # DELETE): reads (versions, aliases, artifacts) work, the first write after scoring fails
+    # at once (a held SQLite write lock fails the same way, after MLflow's 20 s busy timeout).
+    failed = _refusing_writes(copy, lambda: _run_promote(
+        ["--candidate", v["untrained"], "--min-improvement", "-1", *common], env))
     assert failed.returncode == EXIT_ERROR, failed.stdout + failed.stderr
     assert "error:" in failed.stderr and "Traceback" not in failed.stderr
     assert str(client.get_registered_model(name).aliases[CHAMPION]) == v["trained"]

@@ -107,7 +107,7 @@ def service(trained, ray_local, tmp_path_factory):
     # Every test client is one loopback address (one rate-limit bucket): the swap test's 8
     # closed-loop clients must not be throttled (429s are tested in test_serving_ops.py).
     sv = ServeConfig(partitions=2, partition_cpus=0.25, ingress_cpus=0.25, watch_interval_s=WATCH_S,
-                     retain_previous_s=5.0, cache_dir=str(work / "cache"), health_check_period_s=1.0,
+                     retain_previous_s=5.0, cache_dir=str(work / "cache"), health_check_period_s=1.0, graceful_shutdown_wait_loop_s=0.5,
                      rate_limit_per_s=10_000.0, rate_limit_burst=10_000)
     cfg = dataclasses.replace(trained["cfg"], serve=sv)
     root = str(work / "index")

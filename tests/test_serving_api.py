@@ -73,6 +73,24 @@ def test_serve_settings_validate_and_reconfigure_by_key():
         apply_runtime(cfg.serve, {"max_k": 3})
 
 
+def test_replica_settings_reach_every_deployment(tmp_path):
+    """Health-check and graceful-shutdown settings go to the ingress and every partition."""
+    from sscq_dist.serving.app import build_application
+
+    cfg = load_config(None, ["serve.partitions=2", "serve.graceful_shutdown_wait_loop_s=0.25",
+                             "serve.graceful_shutdown_timeout_s=7", "serve.health_check_period_s=1.5",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    ingress = build_application(str(tmp_path / "index"), cfg)._bound_deployment
+    parts = [a for a in ingress.init_args if isinstance(a, list)][0]
+    assert len(parts) == 2
+    for d in [ingress, *(p._bound_deployment if hasattr(p, "_bound_deployment") else p for p in parts)]:
+        dc = d._deployment_config
+        assert (dc.graceful_shutdown_wait_loop_s, dc.graceful_shutdown_timeout_s, dc.health_check_period_s) == \
+            (0.25, 7.0, 1.5), d.name
+    with pytest.raises(ConfigError, match="serve.graceful_shutdown_wait_loop_s"):
+        load_config(None, ["serve.graceful_shutdown_wait_loop_s=-1"])
+
+
 def test_thumbnails_are_bounded_pngs():
     imgs = [png(300, 200, "RGB"), png(8, 8)]
     thumb = Image.open(io.BytesIO(thumbnail_png(imgs[0], 64, 10**6)))

@@ -46,7 +46,7 @@ def service(ray_local, digits_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("ops")
     cfg = make_cfg(work, digits_dir)
     sv = ServeConfig(partitions=2, partition_cpus=0.25, ingress_cpus=0.25, watch_interval_s=1.0,
-                     cache_dir=str(work / "cache"), health_check_period_s=1.0, rate_limit_per_s=RATE,
+                     cache_dir=str(work / "cache"), health_check_period_s=1.0, graceful_shutdown_wait_loop_s=0.5, rate_limit_per_s=RATE,
                      rate_limit_burst=BURST, max_upload_bytes=2_000_000)
     cfg = dataclasses.replace(cfg, serve=sv)
     root = str(work / "index")

@@ -68,7 +68,7 @@ def test_one_retry_policy_owns_every_attempt(hung_endpoint):
     from sscq_dist.config import StorageConfig
 
     cfg = StorageConfig(endpoint_url=hung_endpoint.url, max_attempts=3, retry_backoff_s=0.05,
-                        connect_timeout_s=0.5, read_timeout_s=0.5, deadline_s=30)
+                        connect_timeout_s=0.25, read_timeout_s=0.25, deadline_s=30)
     loc = resolve("s3://bucket/data/part-00000.parquet", cfg)
     # stat, GET, PUT, and a file opened on the filesystem itself, as Ray Data's read tasks do
     for call in (exists, read_bytes, lambda l: atomic_write_bytes(l, b"shard"), lambda l: l.fs.open_input_file(l.path)):

@@ -56,7 +56,9 @@ def build_application(index_root: str, cfg: Config, model_uri: Optional[str] = N
     # The ingress loads the query encoder from the registry: resolve the store here, not in the replica's cwd.
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, tracking_uri=absolute_store_uri(tracking_uri(cfg.tracking))))
-    health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s}
+    health = {"health_check_period_s": sv.health_check_period_s, "health_check_timeout_s": sv.health_check_timeout_s,
+              "graceful_shutdown_wait_loop_s": sv.graceful_shutdown_wait_loop_s,
+              "graceful_shutdown_timeout_s": sv.graceful_shutdown_timeout_s}
     runtime = runtime_settings(sv)
     # Failpoints the tests set reach the replicas (unset in production: no runtime_env added).
     env = {"runtime_env": {"env_vars": failpoints}} if (failpoints := forwarded_env()) else {}
