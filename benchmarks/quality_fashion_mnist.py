@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     budget.add_argument("--minutes", type=float, default=None,
                         help="training-loop minutes per run, turned into epochs from a measured steps/s")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (train.num_workers)")
-    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=None, help="default: the config's train.zero_stage")
     p.add_argument("--topk", type=int, default=None, help="mAP cut-off (default: eval.topk)")
     p.add_argument("--curve-methods", nargs="*", default=None,
                    help="methods evaluated at intermediate checkpoints for the mAP-vs-time plot "
@@ -120,7 +120,8 @@ def run_config(a: argparse.Namespace, db_uri: str, q_uri: str, method: str, bits
     return load_config(a.config, [
         f"data.train_uri={db_uri}", f"data.database_uri={db_uri}", f"data.queries_uri={q_uri}",
         f"model.bits={bits}", f"train.epochs={epochs}", f"train.num_workers={a.workers}",
-        f"train.zero_stage={a.zero_stage}", f"train.storage_path={os.path.join(a.out, 'runs')}",
+        *([f"train.zero_stage={a.zero_stage}"] if a.zero_stage is not None else []),
+        f"train.storage_path={os.path.join(a.out, 'runs')}",
         f"train.run_name={method}-{bits}b", f"tracking.tracking_uri={tracking_uri}",
         f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model=bench-{method}-{bits}b",
         f"tracking.output_dir={os.path.join(a.out, 'outputs')}",
@@ -228,7 +229,9 @@ def curve_points(r, cfg: Config, sets, topk: int, final: dict) -> list[dict]:
         points.append({"epoch": cs["epoch"] + 1, **times.get(cs["global_step"], {}), **scores})
         print(f"  checkpoint epoch {cs['epoch'] + 1}: mAP sqL2 {scores['map_sql2']:.4f}", flush=True)
     last = max(times) if times else None
-    points.append({"epoch": cfg.train.epochs, **(times.get(last, {}) if last is not None else {}),
+    # The final model's epoch count from its checkpoint (a time-budget run stops before train.epochs).
+    final_epoch = checkpoint_client_state(r.checkpoint_path)["epoch"] + 1 if r.checkpoint_path else cfg.train.epochs
+    points.append({"epoch": final_epoch, **(times.get(last, {}) if last is not None else {}),
                    **{k: final[k] for k in ("map_sql2", "map_l2sum", "map_float", "codeword_entropy")}})
     return sorted(points, key=lambda p: p["epoch"])
 
@@ -244,7 +247,7 @@ def max_deviation(rates: list[float]) -> Optional[float]:
 def train_and_evaluate(a, method: str, bits: int, epochs: int, db_uri: str, q_uri: str, tracking_uri: str,
                        sets, topk: int, curve: bool) -> dict:
     from sscq_dist.registry import load_model
-    from sscq_dist.train.driver import run_training
+    from sscq_dist.train.driver import count_rows, run_training, steps_per_epoch
 
     extra: tuple[str, ...] = ()
     if curve and a.curve_points > 0 and epochs > 1:
@@ -260,7 +263,10 @@ def train_and_evaluate(a, method: str, bits: int, epochs: int, db_uri: str, q_ur
     eval_s = time.perf_counter() - t1
     ips = bs.metric_history(r.run_id, "epoch/images_per_s")
     wait = bs.metric_history(r.run_id, "epoch/data_wait_fraction")
-    row = {**scores, "epochs": epochs, "workers": cfg.train.num_workers, "zero_stage": cfg.train.zero_stage,
+    steps = bs.metric_history(r.run_id, "epoch/global_step")
+    # Epochs trained: a time-budget run stops before train.epochs (its last epoch may be partial).
+    done = round(steps[-1] / steps_per_epoch(count_rows(cfg.data.train_uri, cfg), cfg), 2) if steps else epochs
+    row = {**scores, "epochs": done, "epochs_planned": epochs, "workers": cfg.train.num_workers, "zero_stage": cfg.train.zero_stage,
            "train_wall_s": train_s, "eval_s": eval_s, "run_id": r.run_id, "model_version": r.version,
            # Steady state: epochs after the first, which carries the input pipeline's start-up.
            "images_per_s": float(np.mean(ips[1:] or ips)) if ips else None,
@@ -319,6 +325,17 @@ def device_name(cfg: Config) -> str:
 
 def _pct(x: Optional[float]) -> Optional[float]:
     return None if x is None else 100.0 * x
+
+
+def attach_plot(results: dict, methods: list[str], bits: int, plot: str, tracking_uri: str) -> None:
+    """The mAP-vs-time PNG as an artifact of every plotted run (beside its registered model)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for m in methods:
+        run_id = results.get(f"{m}/{bits}", {}).get("run_id")
+        if run_id and "curve" in results[f"{m}/{bits}"]:
+            client.log_artifact(run_id, plot, artifact_path="quality")
 
 
 def plot_curves(results: dict, methods: list[str], bits: int, untrained: Optional[dict], path: str,
@@ -436,6 +453,8 @@ def main(argv=None) -> int:
     table = markdown(results, a.methods, a.bits, topk, meta)
     plot = plot_curves(results, a.curve_methods, a.curve_bits, untrained.get(str(a.curve_bits)),
                        os.path.join(a.out, "map_vs_time.png"), topk)
+    if plot:
+        attach_plot(results, a.curve_methods, a.curve_bits, plot, tracking_uri)
     command = "python benchmarks/quality_fashion_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(f"`{command.strip()}`\n\n{table}\n")

@@ -58,6 +58,9 @@ def test_quality_smoke_trains_evaluates_reports_and_resumes(tmp_path, data_dir, 
     assert sscq["curve"][-1]["epoch"] == 1 and sscq["curve"][-1]["wall_s"] > 0
     assert "| sscq |" in (out / "results.md").read_text()
     assert (out / "map_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from mlflow.tracking import MlflowClient  # the same plot is an artifact of the plotted run
+    logged = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").list_artifacts(sscq["run_id"], "quality")
+    assert [a.path for a in logged] == ["quality/map_vs_time.png"]
 
     # A rerun with the same settings trains nothing: it reports the stored numbers.
     stdout = run_script("quality_fashion_mnist.py", args, tmp_path, ray=ray_local)

@@ -256,11 +256,12 @@ def test_cpu_precision_auto_follows_amx(tmp_path):
     assert resolve_precision(t, cpu, cpu_amx=True) == Precision(False, False, False)
 
 
-def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch):
+def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch, tmp_path):
     """A channels-last model through deepspeed.initialize (its start-up broadcast views each
     weight as bytes, which channels-last weights refuse) and one optimizer step: the weights
     end channels-last, the step changes them, state-dict keys are unchanged. ZeRO 1 with an
-    explicit channels_last=true is a config error naming the key."""
+    explicit channels_last=true is a config error naming the key. The checkpoint exports the
+    trained weights, contiguous fp32."""
     import torch
     import torch.distributed as tdist
 
@@ -270,6 +271,7 @@ def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch):
     from sscq_dist.errors import ConfigError
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model
+    from sscq_dist.train.driver import fp32_state_dict
     from sscq_dist.train.loop import Precision, _split, make_engine, make_optimizer
 
     with pytest.raises(ConfigError, match="train.channels_last"):
@@ -298,6 +300,13 @@ def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch):
         engine.step()
         assert torch.isfinite(loss) and not torch.equal(before, convs[0].detach())
         assert list(engine.module.state_dict()) == keys
+        # The exported model of a ZeRO 0 run (DeepSpeed's zero_to_fp32 cannot read its checkpoint).
+        engine.save_checkpoint(str(tmp_path), tag="sscq")
+        exported = fp32_state_dict(str(tmp_path))
+        trained = engine.module.state_dict()
+        assert list(exported) == keys and all(
+            v.is_contiguous() and v.dtype == torch.float32 and torch.equal(v, trained[k].float())
+            for k, v in exported.items())
     finally:
         tdist.destroy_process_group()
 

@@ -191,9 +191,20 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, data: TrainData
 
 
 def fp32_state_dict(checkpoint_dir: str) -> dict:
-    """Full fp32 weights from a DeepSpeed checkpoint (any ZeRO stage, bf16 or fp32 run)."""
+    """Full fp32 weights from a DeepSpeed checkpoint (any ZeRO stage, bf16 or fp32 run).
+
+    ZeRO 0 keeps no partitioned optimizer state, and DeepSpeed's zero_to_fp32 cannot read
+    such a checkpoint: there the model file's `module` already holds every weight (in the
+    training layout, hence `.contiguous()`: channels-last runs save channels-last tensors).
+    """
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    model_file = os.path.join(checkpoint_dir, "sscq", "mp_rank_00_model_states.pt")
+    if os.path.exists(model_file):
+        states = torch.load(model_file, map_location="cpu", weights_only=False)
+        if (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0) == 0:
+            return {k: v.float().contiguous() for k, v in states["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="sscq")
 
 
