@@ -202,7 +202,7 @@ def fp32_state_dict(checkpoint_dir: str) -> dict:
 
     model_file = os.path.join(checkpoint_dir, "sscq", "mp_rank_00_model_states.pt")
     if os.path.exists(model_file):
-        states = torch.load(model_file, map_location="cpu", weights_only=False)
+        states = torch.load(model_file, map_location="cpu", weights_only=True)
         if (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0) == 0:
             return {k: v.float().contiguous() for k, v in states["module"].items()}
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="sscq")
