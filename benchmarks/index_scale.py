@@ -306,6 +306,7 @@ def part_overhead(n_rows: int, root: str) -> list[dict]:
     for label, kind, nlist in OVERHEAD_KINDS:
         trained = trained_index(kind, nlist, codebooks, rng)
         trained_bytes = fi.serialize(trained)
+        coarse, checksum = sha256_hex(trained_bytes), fi.codebook_checksum(codebooks)  # once, not per part
         codes, lists = fi.encode(trained, x)
         total = {}
         for n_parts in OVERHEAD_PARTS:
@@ -316,8 +317,7 @@ def part_overhead(n_rows: int, root: str) -> list[dict]:
                 src = SourceShard(f"s3://bucket/images/part-{j:06d}.parquet", 300_000_000, f"{j:032x}")
                 rows = PartRows(ids[sel], codes[sel], None if lists is None else lists[sel], meta.take(sel))
                 rec = write_part(vloc, part_name(src.uri, src.etag), src, rows, len(sel), model_version=version,
-                                 codebook_checksum=fi.codebook_checksum(codebooks), index_type=kind,
-                                 coarse_checksum=sha256_hex(trained_bytes))
+                                 codebook_checksum=checksum, index_type=kind, coarse_checksum=coarse)
                 written += sum(os.path.getsize(os.path.join(root, "models", version, f))
                                for f in part_files(rec.part))
                 entries.append(rec.entry())

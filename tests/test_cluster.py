@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -280,7 +281,10 @@ def _e2e_env(stack):
 
 
 def _e2e_run(cmd, env, cwd=REPO, timeout=E2E_TIMEOUT_S):
+    t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    job = next((c for c in cmd if c.startswith("jobs/")), cmd[0])
+    print(f"e2e: {job} exited {r.returncode} in {time.monotonic() - t0:.1f}s")  # shown when the test fails
     return r, r.stdout + r.stderr
 
 
