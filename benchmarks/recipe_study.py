@@ -100,6 +100,10 @@ def candidates() -> list[Recipe]:
         # The levers that each helped alone, combined (second study).
         Recipe("combo_adam", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, lr=1.5e-3),
         Recipe("combo_sgd", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd"),
+        # The same in fp32 and the default layout: what bf16 autocast + channels_last give on a CPU
+        # (AMX, or AVX-512 bf16 only).
+        Recipe("combo_sgd_fp32", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd",
+               bf16=False, channels_last=False),
     ]
 
 

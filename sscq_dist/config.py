@@ -172,8 +172,8 @@ class TrainConfig:
     # most N steps, not the rest of a long epoch.
     checkpoint_every_steps: int = 0
     # Speed switches; null = auto: on for CUDA workers (bf16 only where the GPU supports
-    # it); bf16 and channels_last also on CPUs with AMX bf16 (1.5-2.2x, issue 25), all off on
-    # other CPUs, where each measured slower or no faster (BENCHMARKS.md); true/false force.
+    # it); bf16 and channels_last also on CPUs with bf16 hardware, AMX or AVX-512 bf16 (1.5-2.2x
+    # and 2.0x, issue 25), all off on other CPUs (BENCHMARKS.md); true/false force.
     # bf16: forward under torch.autocast(bfloat16), fp32 weights and losses.
     bf16: Optional[bool] = None
     # channels_last: model and augmented views in channels-last memory format (ZeRO 0 only:

@@ -233,27 +233,29 @@ def test_drop_ceiling_stops_training_and_registers_nothing(tmp_path, ray_local, 
     assert client.search_model_versions("name='sscq'") == []
 
 
-def test_cpu_precision_auto_follows_amx(tmp_path):
-    """Auto precision on CPU: bf16 (+ channels_last under ZeRO 0) where /proc/cpuinfo lists amx_bf16,
-    fp32 elsewhere."""
+def test_cpu_precision_auto_follows_bf16_hardware(tmp_path):
+    """Auto precision on CPU: bf16 (+ channels_last under ZeRO 0) where /proc/cpuinfo lists
+    amx_bf16 or avx512_bf16, fp32 elsewhere."""
     import torch
 
     from sscq_dist.config import load_config
-    from sscq_dist.train.loop import Precision, cpu_has_amx_bf16, resolve_precision
+    from sscq_dist.train.loop import Precision, cpu_has_fast_bf16, resolve_precision
 
-    amx, avx = tmp_path / "amx", tmp_path / "avx"
-    amx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
-    avx.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16\n")
-    assert cpu_has_amx_bf16(str(amx)) is True
-    assert cpu_has_amx_bf16(str(avx)) is False
+    amx, avx512, avx2 = tmp_path / "amx", tmp_path / "avx512", tmp_path / "avx2"
+    amx.write_text("processor : 0\nflags : fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
+    avx512.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    avx2.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_has_fast_bf16(str(amx)) is True
+    assert cpu_has_fast_bf16(str(avx512)) is True
+    assert cpu_has_fast_bf16(str(avx2)) is False
     t = load_config("configs/digits.yaml", ["train.zero_stage=0"]).train
     cpu = torch.device("cpu")
-    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(True, True, False)
-    assert resolve_precision(t, cpu, cpu_amx=False) == Precision(False, False, False)
+    assert resolve_precision(t, cpu, cpu_bf16=True) == Precision(True, True, False)
+    assert resolve_precision(t, cpu, cpu_bf16=False) == Precision(False, False, False)
     t.zero_stage = 1  # ZeRO 1-3 own the weights' layout: auto channels-last is off there
-    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(True, False, False)
+    assert resolve_precision(t, cpu, cpu_bf16=True) == Precision(True, False, False)
     t.bf16, t.channels_last = False, False  # explicit settings win over detection
-    assert resolve_precision(t, cpu, cpu_amx=True) == Precision(False, False, False)
+    assert resolve_precision(t, cpu, cpu_bf16=True) == Precision(False, False, False)
 
 
 def test_channels_last_engine_starts_and_steps_under_deepspeed(monkeypatch, tmp_path):
@@ -341,12 +343,12 @@ def test_precision_switches_run_a_step_on_cpu():
     from sscq_dist.data.augment import two_views
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model
-    from sscq_dist.train.loop import Precision, _split, autocast, cpu_has_amx_bf16, resolve_precision
+    from sscq_dist.train.loop import Precision, _split, autocast, cpu_has_fast_bf16, resolve_precision
 
     cfg = load_config("configs/digits.yaml")
     cpu = torch.device("cpu")
-    amx = cpu_has_amx_bf16()
-    assert resolve_precision(cfg.train, cpu) == Precision(amx, False, False)  # auto: bf16 with AMX only (ZeRO 1)
+    fast = cpu_has_fast_bf16()
+    assert resolve_precision(cfg.train, cpu) == Precision(fast, False, False)  # auto: bf16 on bf16 hardware (ZeRO 1)
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8))
     results = {}
     for name, p in {"fp32": Precision(False, False, False), "bf16+cl": Precision(True, True, False),

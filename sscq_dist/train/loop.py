@@ -150,32 +150,36 @@ class Precision:
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_has_amx_bf16(cpuinfo: str = CPUINFO) -> bool:
-    """True where the CPU has AMX bf16 tile units (the `amx_bf16` flag).
+# CPU flags of bf16 hardware: AMX tiles (Intel) or AVX-512 bf16 dot products (AMD Zen 4, Intel
+# Cooper Lake). The SSCQ step on 2 cores, fp32 -> bf16 + channels_last: AMX 553 -> 1,215 img/s
+# (small_cnn, 28 px); AVX-512 bf16 only (AMD EPYC) 457 -> 936 img/s (VGG-8, 28 px); BENCHMARKS.md.
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
-    Reads the flags of `cpuinfo` (Linux); where that file is missing, asks torch's own probe.
-    Only AMX counts: there bf16 autocast + channels_last measured 1.5x (16 px) to 2.2x (28 px)
-    faster for the SSCQ step with no quality loss (issue 25); AVX-512 bf16 alone is unmeasured.
+
+def cpu_has_fast_bf16(cpuinfo: str = CPUINFO) -> bool:
+    """True where the CPU computes bf16 in hardware (`FAST_BF16_FLAGS` in its flags).
+
+    Reads the flags of `cpuinfo` (Linux); where that file is missing, asks torch's own AMX probe.
     """
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_bf16" in line.split(":", 1)[1].split()
+                    return any(flag in FAST_BF16_FLAGS for flag in line.split(":", 1)[1].split())
         return False
     except OSError:
         probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
         return bool(probe()) if probe is not None else False
 
 
-def resolve_precision(t: TrainConfig, device: torch.device, cpu_amx: Optional[bool] = None) -> Precision:
+def resolve_precision(t: TrainConfig, device: torch.device, cpu_bf16: Optional[bool] = None) -> Precision:
     """None (auto) = bf16 and channels_last on CUDA devices (bf16 where the GPU supports it)
-    and on CPUs with AMX bf16 (`cpu_has_amx_bf16`, or `cpu_amx` when given); fp32 and the
+    and on CPUs with bf16 hardware (`cpu_has_fast_bf16`, or `cpu_bf16` when given); fp32 and the
     default layout on other CPUs; compile on CUDA only (its start-up cost did not pay on CPU,
     BENCHMARKS.md). true/false force a switch on any device (the tests run all three on CPU).
     """
     cuda = device.type == "cuda"
-    fast_cpu = device.type == "cpu" and (cpu_has_amx_bf16() if cpu_amx is None else cpu_amx)
+    fast_cpu = device.type == "cpu" and (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16)
 
     def pick(v: Optional[bool], auto: bool) -> bool:
         return auto if v is None else bool(v)
