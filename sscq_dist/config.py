@@ -239,6 +239,10 @@ class IndexConfig:
     encode_batch_size: int = 512
     # Encoding actors; 0 = auto: one per GPU with use_gpu, else one per CPU less one for reads.
     encode_concurrency: int = 0
+    # Auto (encode_concurrency 0) starts at most one actor per this many source bytes (0 = no
+    # cap): an actor's start-up (process, torch, model load) is ~5 s on a busy core, ~7,000
+    # images of encoding, which a small job never wins back (BENCHMARKS.md, "Encoding").
+    encode_bytes_per_actor: int = 16 << 20
     # Index-root lock lease; a heartbeat renews it, so a dead writer's lease lapses this fast.
     lock_ttl_s: float = 120.0
     # Snapshots and part files no retained snapshot names are deleted once this much older
@@ -453,6 +457,8 @@ def validate(cfg: Config) -> Config:
            f"must be >= index.nlist={ix.nlist} (k-means needs a sample row per list), got {ix.ivf_train_sample}")
     _check(ix.encode_batch_size >= 1, "index.encode_batch_size", f"must be >= 1, got {ix.encode_batch_size}")
     _check(ix.encode_concurrency >= 0, "index.encode_concurrency", f"must be >= 0 (0 = auto), got {ix.encode_concurrency}")
+    _check(ix.encode_bytes_per_actor >= 0, "index.encode_bytes_per_actor",
+           f"must be >= 0 (0 = no cap), got {ix.encode_bytes_per_actor}")
     _check(ix.lock_ttl_s > 0, "index.lock_ttl_s", f"must be > 0, got {ix.lock_ttl_s}")
     _check(ix.gc_grace_s >= 0, "index.gc_grace_s", f"must be >= 0, got {ix.gc_grace_s}")
     _check(ix.gc_keep_generations >= 1, "index.gc_keep_generations", f"must be >= 1, got {ix.gc_keep_generations}")

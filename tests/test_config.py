@@ -32,6 +32,7 @@ def test_overrides_are_typed():
     ("data.augment.hflip_p=1.5", "data.augment.hflip_p"),
     ("bank.enabled=maybe", "bank.enabled"),
     ("index.index_type=hnsw", "index.index_type"),
+    ("index.encode_bytes_per_actor=-1", "index.encode_bytes_per_actor"),
     ("data.max_drop_fraction=1.5", "data.max_drop_fraction"),
     ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps"),
     ("train.bf16=maybe", "train.bf16"),

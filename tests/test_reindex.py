@@ -256,6 +256,25 @@ def test_new_champion_builds_beside_then_flips(trained, model, images, tmp_path,
     assert back.flipped and back.encoded_shards == 0 and read_current(loc) == a.snapshot
 
 
+def test_auto_encoder_count_starts_one_actor_per_encode_bytes_per_actor(tmp_path, ray_local):
+    """Auto mode caps the pool by the work (an actor's start-up is seconds a small job never
+    wins back); an explicit index.encode_concurrency is taken as given."""
+    from sscq_dist.indexing.encoder import encoder_actors
+
+    cfg = small_cfg(tmp_path)
+    per = cfg.index.encode_bytes_per_actor
+    uncapped = encoder_actors(cfg)  # one per CPU less one for reads, at most one per core of a local Ray
+    assert uncapped == max(1, min(int(ray_local.cluster_resources()["CPU"]) - 1, os.cpu_count()))
+    assert encoder_actors(cfg, work_bytes=0) == 1
+    assert encoder_actors(cfg, work_bytes=per) == 1
+    assert encoder_actors(cfg, work_bytes=per + 1) == min(2, uncapped)
+    assert encoder_actors(cfg, work_bytes=100 * per) == uncapped
+    cfg.index.encode_bytes_per_actor = 0  # no cap
+    assert encoder_actors(cfg, work_bytes=1) == uncapped
+    cfg.index.encode_bytes_per_actor, cfg.index.encode_concurrency = per, 3
+    assert encoder_actors(cfg, work_bytes=1) == 3
+
+
 def test_checksum_mismatch_and_lock_refusal(tmp_path, random_model, images, ray_local):
     cfg = small_cfg(tmp_path)
     root = str(tmp_path / "guard")

@@ -219,7 +219,7 @@ def build_parts(todo: list[SourceShard], job: BuildJob, cfg: Config, lock=None, 
     if not todo:
         return result
     items = [{"uri": s.uri, "size": s.size, "etag": s.etag, "part": part_name(s.uri, s.etag)} for s in todo]
-    actors = min(encoder_actors(cfg), len(items))
+    actors = min(encoder_actors(cfg, work_bytes=sum(s.size for s in todo)), len(items))
     per_block = min(MAX_SHARDS_PER_BLOCK, max(1, math.ceil(len(items) / (actors * 64))))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
     ds = ds.map_batches(PartBuilder, fn_constructor_kwargs={"job": job.__dict__},

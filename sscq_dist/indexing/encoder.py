@@ -9,6 +9,7 @@ object the driver had to keep alive, and a model that is not the one planned is 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -55,19 +56,27 @@ class ImageEncoder:
         return self.model.embed(x).float().cpu().numpy(), ok
 
 
-def encoder_actors(cfg: Config) -> int:
-    """index.encode_concurrency, or the auto count for 0 (needs a running Ray)."""
+def encoder_actors(cfg: Config, work_bytes: Optional[int] = None) -> int:
+    """index.encode_concurrency, or the auto count for 0 (needs a running Ray).
+
+    work_bytes: the source bytes the pool will encode; the auto count then starts no more
+    than one actor per index.encode_bytes_per_actor of them (at least one).
+    """
     import ray
 
-    if cfg.index.encode_concurrency > 0:
-        return cfg.index.encode_concurrency
+    ix = cfg.index
+    if ix.encode_concurrency > 0:
+        return ix.encode_concurrency
     res = ray.cluster_resources()
-    if cfg.index.use_gpu:
-        return max(1, int(res.get("GPU", 0)))
-    cpus = int(res.get("CPU", 1)) - 1  # one CPU left for reads and the driver's own work
-    if len(ray.nodes()) == 1:  # a local Ray may advertise more CPUs than the cores under it
-        cpus = min(cpus, os.cpu_count() or 1)
-    return max(1, cpus)
+    if ix.use_gpu:
+        n = int(res.get("GPU", 0))
+    else:
+        n = int(res.get("CPU", 1)) - 1  # one CPU left for reads and the driver's own work
+        if len(ray.nodes()) == 1:  # a local Ray may advertise more CPUs than the cores under it
+            n = min(n, os.cpu_count() or 1)
+    if work_bytes is not None and ix.encode_bytes_per_actor > 0:
+        n = min(n, math.ceil(work_bytes / ix.encode_bytes_per_actor))
+    return max(1, n)
 
 
 def actor_pool(cfg: Config, n: Optional[int] = None) -> dict:

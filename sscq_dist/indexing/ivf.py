@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from sscq_dist import storage
 from sscq_dist.config import Config
 from sscq_dist.indexing import faiss_index as fi
-from sscq_dist.indexing.encoder import ImageEncoder, actor_pool
+from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
 from sscq_dist.indexing.formats import TRAINED_FILE, SourceShard, sha256_hex
 from sscq_dist.storage import Location, resolve
 
@@ -92,8 +92,9 @@ def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_ur
         ds = ds.random_sample(fraction, seed=seed)
     kwargs = {"model_uri": model_uri, "cfg_dict": enc_cfg.to_dict(), "codebook_checksum": fi.codebook_checksum(codebooks),
               "use_gpu": bool(ix.use_gpu)}
+    actors = encoder_actors(enc_cfg, work_bytes=int(sum(s.size for s in shards) * fraction))
     ds = ds.map_batches(SampleEncoder, fn_constructor_kwargs=kwargs,
-                        batch_size=ix.encode_batch_size, batch_format="numpy", **actor_pool(enc_cfg))
+                        batch_size=ix.encode_batch_size, batch_format="numpy", **actor_pool(enc_cfg, actors))
     sample = ds.materialize()  # embeddings stay in the object store
     task = ray.remote(_train_task).options(num_cpus=1, num_gpus=1 if ix.use_gpu else 0)
     checksum, nlist, n = ray.get(task.remote(sample, want, ix.nlist, seed, ix.kmeans_iters, codebooks,
