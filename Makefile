@@ -11,6 +11,8 @@ LOCK := requirements.lock
 
 # Bytecode is compiled on every core after the install (pip compiles on one: 41 s against 27 s
 # here); like pip's own pass it skips the few files that are not Python 3 (compileall exits 1).
+# The project's own package too: it is installed editable, and where PYTHONDONTWRITEBYTECODE
+# is set every job, Ray worker and replica would otherwise compile it again on import.
 # The last step builds DeepSpeed's CPU shared-memory all-reduce op, which it otherwise compiles
 # on first use (~30 s of g++ inside the first training run): once per machine (nothing to
 # build on GPU accelerators).
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null \
 		|| true
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m compileall -q -j 0 sscq_dist >/dev/null
 	$(PY) -c "import deepspeed; from deepspeed.accelerator import get_accelerator; \
 		b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
 		b and deepspeed.ops.__compatible_ops__.get(b.NAME) and b.load()" >/dev/null 2>&1 \
