@@ -38,14 +38,16 @@ def default_config(source: str) -> str:
     return os.path.join(REPO, DEFAULT_CONFIGS[source])
 
 
-def ensure_source(source: str, data_dir: str) -> tuple[str, str]:
-    """Ingest `source` under data_dir if its shards are missing; returns (train_uri, test_uri)."""
+def ensure_source(source: str, data_dir: Optional[str] = None) -> tuple[str, str]:
+    """Ingest `source` under data_dir (default data/<source>) if its shards are missing;
+    returns (train_uri, test_uri)."""
     from sscq_dist.data.schema import shard_files
     from sscq_dist.ingest import ingest
     from sscq_dist.storage import resolve
 
     if source not in SOURCES:
         raise SSCQError(f"unknown data source {source!r} (choose from {', '.join(SOURCES)})")
+    data_dir = data_dir or os.path.join(REPO, "data", source)
     train, test = os.path.join(data_dir, "train"), os.path.join(data_dir, "test")
     if not all(os.path.isdir(d) and shard_files(resolve(d)) for d in (train, test)):
         os.makedirs(data_dir, exist_ok=True)

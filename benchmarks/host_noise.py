@@ -7,6 +7,7 @@ of 10 % cannot be judged on this host, whatever the training path does.
 
     python benchmarks/host_noise.py --chunks 12 --steps 230 data.image_size=16   # ~80 s chunks, 16 px
     python benchmarks/host_noise.py --source digits --chunks 3 --steps 5          # seconds
+    python benchmarks/host_noise.py --chunks 2 --steps 20 train.bf16=false train.channels_last=false  # fp32
 
 Prints one line per chunk and a markdown table; writes <out>/host_noise.json.
 """
@@ -86,13 +87,15 @@ def main(argv=None) -> int:
                           on_start=lambda: window.append(CpuWindow()), on_chunk=on_chunk)
     ips = np.array(plain["chunk_images_per_s"])
     mean = float(ips.mean())
-    res = {"source": a.source, "image_size": cfg.data.image_size, "global_batch": cfg.train.global_batch_size,
+    res = {"source": a.source, "image_size": cfg.data.image_size, "bf16": plain["bf16"],
+           "channels_last": plain["channels_last"], "global_batch": cfg.train.global_batch_size,
            "cores": cores, "steps_per_chunk": a.steps, "threads": cores, "chunks": rows, "mean_images_per_s": mean,
            "min_deviation": float(ips.min() / mean - 1), "max_deviation": float(ips.max() / mean - 1),
            "command": "python benchmarks/host_noise.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     bs.write_json(os.path.join(a.out, "host_noise.json"), res)
     lines = [f"Plain PyTorch loop, no Ray ({a.source}, {cfg.data.image_size} px, global batch "
-             f"{cfg.train.global_batch_size}, {cores} threads, {a.steps} steps per chunk):", "",
+             f"{cfg.train.global_batch_size}, {cores} threads, {a.steps} steps per chunk, "
+             f"{'bf16' if plain['bf16'] else 'fp32'}{' + channels_last' if plain['channels_last'] else ''}):", "",
              "| chunk | images/s | vs mean | other processes' CPU s | steal s |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['chunk']} | {r['images_per_s']:.0f} | {100 * (r['images_per_s'] / mean - 1):+.1f} % | "
               f"{r['others_cpu_s']:.1f} | {r['steal_s']:.1f} |" for r in rows]

@@ -8,7 +8,8 @@ Three measurements on the same machine, same model, losses and global batch:
 2. one plain PyTorch process (torch threads = all cores, same global batch, same Adam +
    warm-up/cosine schedule + clipping) over uint8 batches already in memory, making the
    two views per step exactly as the worker does (`two_views`): the reference rate, so the
-   ratio is the framework's overhead, not a difference in work;
+   ratio is the framework's overhead, not a difference in work (precision by the job's own
+   rule: bf16 + channels_last where `resolve_precision` picks them);
 3. the data plane alone: one `pipeline_pass` (Ray Data decode to uint8 + the two views
    made in the consuming process) over the training shards, against the rate training consumes;
 4. object-store bytes per image of the training stream, measured on materialised rows of
@@ -125,13 +126,17 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
     from sscq_dist.losses.objective import SSCQObjective
     from sscq_dist.model import build_model
     from sscq_dist.neighbor_bank import NeighborBank
-    from sscq_dist.train.loop import lr_lambda
+    from sscq_dist.train.loop import autocast, lr_lambda, resolve_precision
 
     torch.set_num_threads(threads)
     device = torch.device("cuda") if cfg.train.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # The training job's own precision rule (auto: bf16 + channels_last on CUDA and on CPUs with
+    # bf16 hardware; train.bf16 / train.channels_last force it), so both sides compare alike.
+    precision = resolve_precision(cfg.train, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels).to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     objective = SSCQObjective(cfg.loss, cfg.model)
     m, d = cfg.model.num_codebooks, cfg.model.codeword_dim
     bank = NeighborBank(m, d, cfg.bank.size, 1, 0).to(device) if cfg.bank.enabled else None
@@ -148,8 +153,9 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
 
     def step(images):
         step_no[0] += 1
-        views = two_views(images, cfg.data.augment, cfg.train.seed, 0, step_no[0])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        views = two_views(images, cfg.data.augment, cfg.train.seed, 0, step_no[0],
+                          channels_last=precision.channels_last)
+        with autocast(device, precision):
             out = model(views)
         out_a, out_b = _views(out, b)
         losses = objective(out_a, out_b, model.quantizer.codebooks.float(), bank=bank, use_bank=bank is not None)
@@ -181,7 +187,8 @@ def plain_rate(cfg: Config, images_u8: np.ndarray, steps: int, warmup: int, thre
     seconds = sum(chunk_s)
     return {"workers": 1, "threads_per_worker": threads, "images_per_s": steps * chunks * b / seconds,
             "steps": steps * chunks, "seconds": seconds, "device": device.type,
-            "chunk_images_per_s": [steps * b / t for t in chunk_s]}
+            "chunk_images_per_s": [steps * b / t for t in chunk_s], "bf16": precision.bf16,
+            "channels_last": precision.channels_last}
 
 
 def pipeline_rate(uri: str, cfg: Config, passes: int) -> dict:
