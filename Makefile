@@ -15,7 +15,7 @@ LOCK := requirements.lock
 # is set every job, Ray worker and replica would otherwise compile it again on import.
 # The last step builds DeepSpeed's CPU shared-memory all-reduce op, which it otherwise compiles
 # on first use (~30 s of g++ inside the first training run): once per machine (nothing to
-# build on GPU accelerators).
+# build on GPU accelerators), with the venv's ninja, as every training worker builds it.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml $(LOCK)
 		|| true
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m compileall -q -j 0 sscq_dist >/dev/null
-	$(PY) -c "import deepspeed; from deepspeed.accelerator import get_accelerator; \
+	$(PY) -c "from sscq_dist.train.loop import use_interpreter_ninja; use_interpreter_ninja(); \
+		import deepspeed; from deepspeed.accelerator import get_accelerator; \
 		b = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
 		b and deepspeed.ops.__compatible_ops__.get(b.NAME) and b.load()" >/dev/null 2>&1 \
 		|| echo "note: DeepSpeed's CPU comm op was not prebuilt; the first training run builds it"

@@ -149,23 +149,22 @@ def start_ray(num_cpus: int, quiet: bool) -> None:
     """A local Ray with `num_cpus` logical CPUs (or the cluster RAY_ADDRESS names); quiet keeps
     worker logs off the driver's stdout.
 
-    The runtime env puts the repository on the workers' path, as `init_ray` does.
+    A local Ray gets the repository on its workers' path, as `init_ray` does; a running cluster
+    already has it (its own PYTHONPATH, or the job's working dir), as `init_ray` assumes too.
     """
     import ray
 
-    from sscq_dist.train.driver import quiet_ray_data
+    from sscq_dist.train.driver import quiet_ray_data, workers_path
 
     quiet_ray_data()
     if ray.is_initialized():
         return
-    path = os.pathsep.join(p for p in [REPO, os.environ.get("PYTHONPATH", "")] if p)
-    env = {"env_vars": {"PYTHONPATH": path}}
     address = os.environ.get("RAY_ADDRESS")
     if address:  # a running cluster (the test suite's session Ray): join it, sized as it is
-        ray.init(address="auto" if address.startswith("http") else address, log_to_driver=not quiet,
-                 runtime_env=env)
+        ray.init(address="auto" if address.startswith("http") else address, log_to_driver=not quiet)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet, runtime_env=env)
+    with workers_path(REPO):
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
 
 
 def tracking_store(out_dir: str, experiment: str) -> str:

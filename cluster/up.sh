@@ -96,6 +96,9 @@ else
   sscq_log "starting mlflow server on $mlflow_url (artifacts: s3://$SSCQ_BUCKET/mlflow)"
   (
     export_stack_env
+    # Tracking and the registry only: MLflow's job runner (GenAI evaluation jobs, a runner and
+    # ~7 worker processes) has no work here.
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     exec setsid "$VENV/bin/mlflow" server \
       --backend-store-uri "sqlite:///$SSCQ_STACK_DIR/mlflow.db" \
       --artifacts-destination "s3://$SSCQ_BUCKET/mlflow" --serve-artifacts \

@@ -133,12 +133,12 @@ def ray_local(s3_server):
     """
     import ray
 
-    from sscq_dist.train.driver import quiet_ray_data
+    from sscq_dist.train.driver import quiet_ray_data, workers_path
 
     quiet_ray_data()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        with workers_path(REPO):  # every job's workers import the tests' helpers from here
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -200,8 +200,11 @@ class MlflowServer:
                "--port", str(self.port), "--backend-store-uri", self.backend,
                "--artifacts-destination", os.path.join(self.workdir, "server-artifacts"), "--workers", "1"]
         log = open(os.path.join(self.workdir, f"mlflow-server-{time.time():.0f}.log"), "w")
+        # MLflow's job runner (GenAI evaluation jobs: a runner and ~7 huey consumer processes,
+        # ~2.5 CPU-s each to start) is off, as in the dev stack and the cluster manifest.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
 
         def up():
             assert self.proc.poll() is None, f"mlflow server exited {self.proc.returncode}; see {log.name}"

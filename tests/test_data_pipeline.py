@@ -43,6 +43,30 @@ def test_decode_tasks_do_not_import_torch():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_a_small_read_starts_one_footer_reader_not_ray_datas_32(ray_local, tmp_path):
+    """Ray Data provisions 32 FooterReader actors (one worker process each) for any read;
+    our reads size the pool by the file count: 3 files -> 1 actor, and the environment is
+    left as it was (a value the user set is kept)."""
+    import pyarrow.fs
+
+    from sscq_dist.data.parquet_read import FOOTER_ACTORS_ENV, footer_actors, read_parquet_files
+
+    assert [footer_actors(n) for n in (1, 3, 256, 257, 100_000)] == [1, 1, 1, 2, 32]
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.parquet"))
+        pq.write_table(pa.table({"x": list(range(10 * i, 10 * i + 10))}), paths[-1])
+
+    def footer_readers() -> int:
+        return sum(a["ActorClassName"] == "FooterReader" for a in ray_local._private.state.actors().values())
+
+    before = footer_readers()
+    rows = read_parquet_files(paths, pyarrow.fs.LocalFileSystem()).take_all()
+    assert sorted(r["x"] for r in rows) == list(range(30))
+    assert footer_readers() - before == 1
+    assert FOOTER_ACTORS_ENV not in os.environ
+
+
 def test_train_stream_ships_uint8_nhwc_from_s3(ray_local, s3_bucket, cfg):
     """The object store holds C*H*W bytes per image plus id/ok/shard (13 bytes), not float views."""
     uri = f"s3://{s3_bucket}/digits"

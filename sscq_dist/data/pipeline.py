@@ -35,6 +35,7 @@ from sscq_dist.config import Config, DataConfig
 from sscq_dist.data.augment import eval_view, two_views
 # The Ray Data map functions live in decode.py: their tasks then never import torch.
 from sscq_dist.data.decode import decode_batch, decode_train_batch, drop_stats
+from sscq_dist.data.parquet_read import read_parquet_files
 from sscq_dist.data.schema import validate_shards
 from sscq_dist.errors import TrainingError
 from sscq_dist.storage import resolve
@@ -58,7 +59,7 @@ def read_images(uri: str, cfg: Config, columns: Optional[list[str]] = None,
     kwargs = {}
     if override_num_blocks:
         kwargs["override_num_blocks"] = override_num_blocks
-    return ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, **kwargs).select_columns(cols)
+    return read_parquet_files([f.path for f in files], loc.fs, **kwargs).select_columns(cols)
 
 
 @dataclass
@@ -92,8 +93,8 @@ def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) ->
     index.update({os.path.basename(f.path): i for i, f in enumerate(files)})
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
     # The projection is pushed down into the Parquet read: only these columns leave storage.
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=loc.fs, include_paths=True,
-                               shuffle=shuffle).select_columns(["id", "image", "path"])
+    ds = read_parquet_files([f.path for f in files], loc.fs, include_paths=True,
+                            shuffle=shuffle).select_columns(["id", "image", "path"])
     ds = ds.map_batches(decode_train_batch, fn_kwargs={"data_cfg": cfg.data, "shard_index": index},
                         batch_size=cfg.data.decode_batch_size, batch_format="numpy")
     return ds, [f.uri for f in files]

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from sscq_dist import storage
 from sscq_dist.config import Config
+from sscq_dist.data.parquet_read import read_parquet_files
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.encoder import ImageEncoder, actor_pool, encoder_actors
 from sscq_dist.indexing.formats import TRAINED_FILE, SourceShard, sha256_hex
@@ -87,7 +88,7 @@ def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_ur
     shards, fraction = sample_plan(sources, want, seed, rows_est)
     fs = resolve(shards[0].uri, enc_cfg.storage).fs
     paths = [resolve(s.uri, enc_cfg.storage).path for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image"])
+    ds = read_parquet_files(paths, fs).select_columns(["image"])
     if fraction < 1.0:
         ds = ds.random_sample(fraction, seed=seed)
     kwargs = {"model_uri": model_uri, "cfg_dict": enc_cfg.to_dict(), "codebook_checksum": fi.codebook_checksum(codebooks),

@@ -10,12 +10,13 @@ starts a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow.parquet as pq
 
@@ -58,9 +59,29 @@ def init_ray(cfg: Config, address: Optional[str] = None) -> None:
         return
     # Logical CPUs: the train workers' share plus room for Ray Data's decode/augment tasks.
     need = int(cfg.train.num_workers * cfg.train.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 p for p in [_repo_root(), os.environ.get("PYTHONPATH", "")] if p)}})
+    with workers_path(_repo_root()):
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+
+
+@contextlib.contextmanager
+def workers_path(*dirs: str) -> Iterator[None]:
+    """Prepend dirs to PYTHONPATH while a local Ray starts inside this block, then restore it.
+
+    The raylet inherits this process's environment when it starts and passes it to every
+    worker it forks, so the workers import from dirs without a runtime env. A job-level
+    runtime_env would do the same, but then every worker process starts through Ray's
+    runtime-env setup script, which imports Ray once more before the worker does: ~0.5 CPU-s
+    per worker (BENCHMARKS.md, "Test suite time"), and a job starts hundreds of workers.
+    """
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [*dirs, old] if p)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def quiet_ray_data() -> None:

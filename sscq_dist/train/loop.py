@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -191,6 +192,21 @@ def resolve_precision(t: TrainConfig, device: torch.device, cpu_bf16: Optional[b
                      compile=pick(t.compile, cuda))
 
 
+def use_interpreter_ninja() -> None:
+    """Put this interpreter's bin directory first on PATH when it holds `ninja` (the lock pins one).
+
+    DeepSpeed JIT-builds its CPU shared-memory all-reduce op with the first `ninja` on PATH,
+    into one build directory per user (~/.cache/torch_extensions). A system ninja (1.11) and
+    the lock's (1.13) keep incompatible build logs, so each rebuilds the op whenever the other
+    built it last: processes started from a venv-activated shell and from a plain one (Ray
+    workers inherit either) took turns, ~30 s of g++ on 2 cores per turn, three turns a suite.
+    """
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(bindir, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+
+
 def make_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, local_batch: int, precision: Precision):
     """deepspeed.initialize, then the layout and compile switches on the engine's module.
 
@@ -198,6 +214,7 @@ def make_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, local
     as bytes, which a channels-last weight refuses. `.to(memory_format=...)` swaps each
     parameter's data in place, so the optimizer keeps the same Parameter objects.
     """
+    use_interpreter_ninja()
     import deepspeed
 
     engine, optimizer, _, scheduler = deepspeed.initialize(
