@@ -133,6 +133,21 @@ def test_augment_speed_smoke(tmp_path):
     assert float(row.split("|")[3].replace(",", "")) > 0 and float(row.split("|")[4].replace(",", "")) > 0
 
 
+def test_process_cpu_attributes_a_childs_cpu_to_it(tmp_path):
+    """The sampler behind BENCHMARKS.md's per-process CPU numbers: a child that spins ~1 CPU-s
+    is found under its own name with about that much, and its exit code is passed on."""
+    spin = "import time; t = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    stdout = run_script("process_cpu.py", ["--out", tmp_path, "--", sys.executable, "-c", spin], tmp_path)
+    res = json.loads((tmp_path / "process_cpu.json").read_text())
+    by_name = {g["group"]: g for g in res["groups"]}
+    child = by_name[os.path.basename(sys.executable)[:15]]
+    assert 0.8 <= child["cpu_s"] <= res["wall_s"] + 0.5, res
+    assert res["exit_code"] == 0 and "| process group | CPU-s | processes |" in stdout
+    failing = subprocess.run([sys.executable, os.path.join(BENCH, "process_cpu.py"), "--out", str(tmp_path), "--",
+                              sys.executable, "-c", "raise SystemExit(3)"], capture_output=True, text=True)
+    assert failing.returncode == 3
+
+
 def test_gpu_check_script_is_valid_bash():
     script = os.path.join(BENCH, "gpu_check.sh")
     subprocess.run(["bash", "-n", script], check=True)

@@ -66,7 +66,7 @@ def test_workers_path_is_set_for_ray_start_and_restored(monkeypatch):
 def test_session_workers_start_without_runtime_env_setup_and_import_the_repo(ray_local):
     """The session's Ray (as `init_ray`'s local Ray) gives workers the repository through the
     raylet's environment: each worker process is Ray's worker itself, not its runtime-env setup
-    script first (~0.5 CPU-s less per worker, hundreds of workers a suite)."""
+    script first (~0.35 CPU-s less per worker, hundreds of workers a suite)."""
     import sys
 
     @ray_local.remote

@@ -70,7 +70,7 @@ def workers_path(*dirs: str) -> Iterator[None]:
     The raylet inherits this process's environment when it starts and passes it to every
     worker it forks, so the workers import from dirs without a runtime env. A job-level
     runtime_env would do the same, but then every worker process starts through Ray's
-    runtime-env setup script, which imports Ray once more before the worker does: ~0.5 CPU-s
+    runtime-env setup script, which imports Ray once more before the worker does: ~0.35 CPU-s
     per worker (BENCHMARKS.md, "Test suite time"), and a job starts hundreds of workers.
     """
     old = os.environ.get("PYTHONPATH")
