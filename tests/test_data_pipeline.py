@@ -43,7 +43,7 @@ def test_decode_tasks_do_not_import_torch():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_a_small_read_starts_one_footer_reader_not_ray_datas_32(ray_local, tmp_path):
+def test_a_small_read_starts_one_footer_reader_not_ray_datas_32(ray_local, tmp_path, monkeypatch):
     """Ray Data provisions 32 FooterReader actors (one worker process each) for any read;
     our reads size the pool by the file count: 3 files -> 1 actor, and the environment is
     left as it was (a value the user set is kept)."""
@@ -65,6 +65,10 @@ def test_a_small_read_starts_one_footer_reader_not_ray_datas_32(ray_local, tmp_p
     assert sorted(r["x"] for r in rows) == list(range(30))
     assert footer_readers() - before == 1
     assert FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "2")  # the user's own setting wins and stays
+    before = footer_readers()
+    assert len(read_parquet_files(paths, pyarrow.fs.LocalFileSystem()).take_all()) == 30
+    assert footer_readers() - before == 2 and os.environ[FOOTER_ACTORS_ENV] == "2"
 
 
 def test_train_stream_ships_uint8_nhwc_from_s3(ray_local, s3_bucket, cfg):

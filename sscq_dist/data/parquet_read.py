@@ -28,10 +28,11 @@ def read_parquet_files(paths: Sequence[str], filesystem, **kwargs) -> "ray.data.
     environment is kept."""
     import ray.data
 
-    if FOOTER_ACTORS_ENV in os.environ:
-        return ray.data.read_parquet(list(paths), filesystem=filesystem, **kwargs)
-    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
+    ours = FOOTER_ACTORS_ENV not in os.environ
+    if ours:
+        os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(len(paths)))
     try:
         return ray.data.read_parquet(list(paths), filesystem=filesystem, **kwargs)
     finally:
-        os.environ.pop(FOOTER_ACTORS_ENV, None)
+        if ours:
+            os.environ.pop(FOOTER_ACTORS_ENV, None)
