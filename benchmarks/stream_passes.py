@@ -6,8 +6,10 @@ images, each pausing --step-s per batch of 128 to stand in for a training step, 
 
 - `one stream` (before): one execution over epochs x blocks references with a map task
   per block (how the augmented multi-epoch stream was built);
-- `per epoch` (now): the decoded set materialised once, one execution per epoch with a
-  block order reseeded per execution (`sscq_dist.data.pipeline.cached_train_data`).
+- `per epoch`: the decoded set materialised once, one execution per epoch with a block
+  order reseeded per execution (how `sscq_dist.data.pipeline.cached_train_data` fed the
+  workers until 12-07; now its ranks deal the cached blocks themselves, no execution at all,
+  and this is its fallback for a dataset with partial blocks).
 
 Per epoch it prints the consumers' images/s and the CPU seconds of the split coordinator
 (the process that runs the streaming executor). A spinning executor burns about one core

@@ -72,9 +72,11 @@ class DataConfig:
     channels: int = 1
     # Rows per Ray Data decode/augment task batch.
     decode_batch_size: int = 256
-    # Batches each training worker prefetches from the stream.
+    # Batches each training worker prefetches from the stream (streaming path; a cached set
+    # is already in memory).
     prefetch_batches: int = 4
-    # Rows shuffled locally by each training worker's iterator (0 = off).
+    # Rows shuffled locally by each training worker's iterator (0 = off; streaming path: a
+    # cached set's ranks shuffle all their rows of the epoch).
     shuffle_buffer: int = 1024
     # Training sets up to this many rows are decoded once and cached in the object store
     # (uint8, C*H*W bytes per image), and every epoch iterates the cache in a new seeded

@@ -222,6 +222,16 @@ def trained(tmp_path_factory, digits_dir, ray_local):
 
     work = tmp_path_factory.mktemp("trained")
     cfg = make_cfg(work, digits_dir, f"train.epochs={TRAINED_EPOCHS}")
+    before = set(actor_classes())
     t0 = time.perf_counter()
     result = run_training(cfg)
-    return {"cfg": cfg, "result": result, "seconds": time.perf_counter() - t0, "workdir": str(work)}
+    seconds = time.perf_counter() - t0
+    started = [cls for aid, cls in actor_classes().items() if aid not in before]
+    return {"cfg": cfg, "result": result, "seconds": seconds, "workdir": str(work), "actors_started": started}
+
+
+def actor_classes() -> dict[str, str]:
+    """{actor id: class name} of every actor the session's Ray has known, dead ones included."""
+    import ray._private.state as ray_state
+
+    return {aid: info["ActorClassName"] for aid, info in ray_state.actors().items()}

@@ -195,21 +195,51 @@ def test_streaming_epochs_see_different_orders(ray_local, small_shards, cfg):
     assert _file_orders(small_shards, cfg, None, 1) == [list(range(8))]
 
 
-def test_cached_path_decodes_once_and_reshuffles_every_epoch(ray_local, small_shards, cfg):
+def test_cached_path_decodes_once_and_deals_every_epoch_anew(ray_local, small_shards, cfg):
+    """The cached set's blocks are read from the object store only: each epoch deals every rank
+    an equal, disjoint share in a new order, and a resumed epoch skips exactly what was trained."""
+    from sscq_dist.data.cached_shard import epoch_batches
+
     td = cached_train_data(small_shards, cfg, seed=0)
     assert td.cached and td.rows == 297 and td.dropped == 0
+    assert td.blocks is not None and td.blocks.total_rows == 297 and len(td.blocks.refs) >= 4  # ~64-row blocks
     # The observable: the source files are gone, so any epoch that read or decoded again would fail.
     for name in os.listdir(small_shards):
         os.remove(os.path.join(small_shards, name))
-    # One full execution per epoch (as each epoch's iter_torch_batches on a worker).
-    orders = [np.concatenate([b["id"] for b in td.dataset.iter_batches(batch_size=64, batch_format="numpy")])
-              for _ in range(3)]
-    assert all(sorted(o) == sorted(orders[0]) and len(o) == 297 for o in orders)
-    assert len({tuple(o) for o in orders}) == 3  # a new block order every epoch
-    assert len(_split_epochs(td.dataset, 1)[0]) == 297  # and through a 2-way split, as Ray Train reads it
+
+    def ids(epoch, rank, world, skip=0):
+        return np.concatenate([b["id"] for b in epoch_batches(td.blocks, epoch, rank, world, 16, skip)])
+
+    (b,) = list(epoch_batches(td.blocks, 0, 0, 18, 16))  # 297 // 18 rows: one batch of the columns the loop reads
+    assert b["image"].dtype == np.uint8 and b["image"].shape == (16, 28, 28, 1)
+    assert b["ok"].dtype == bool and b["shard"].dtype == np.int32 and b["id"].dtype == np.int64
+    epochs = [[ids(e, r, 2) for r in range(2)] for e in range(3)]
+    for r0, r1 in epochs:
+        assert len(r0) == len(r1) == 144  # 148 rows each: 9 full batches of 16
+        assert not set(r0) & set(r1) and len(set(r0)) == 144
+    assert len({tuple(r0) for r0, _ in epochs}) == 3  # a new order every epoch
+    assert len({frozenset(r0) for r0, _ in epochs}) == 3  # and a new share of the set
+    assert np.array_equal(ids(1, 0, 2), epochs[1][0])  # a function of (seed, epoch, rank, world)
+    assert np.array_equal(ids(1, 0, 2, skip=3), epochs[1][0][48:])  # a resumed epoch: the rest, exactly
+    one = ids(0, 0, 1)
+    assert len(one) == len(set(one)) == 288  # one rank: 18 full batches of the 297 rows
     # The same files removed under the streaming path: its next epoch must read them, and fails.
     with pytest.raises(Exception):
         list(decoded_images(small_shards, cfg)[0].iter_batches())
+
+
+def test_cached_fallback_reshuffles_every_execution(ray_local, small_shards, cfg, monkeypatch):
+    """A materialised set whose blocks cannot be dealt out (a partial block) goes to Ray Train as
+    a dataset instead: every execution (epoch) sees all rows in a new block order."""
+    from sscq_dist.data import cached_shard
+
+    monkeypatch.setattr(cached_shard, "cached_blocks", lambda ds, seed: None)
+    td = cached_train_data(small_shards, cfg, seed=0)
+    assert td.cached and td.blocks is None and td.rows == 297
+    orders = [np.concatenate([b["id"] for b in td.dataset.iter_batches(batch_size=64, batch_format="numpy")])
+              for _ in range(3)]
+    assert all(sorted(o) == sorted(orders[0]) and len(o) == 297 for o in orders)
+    assert len({tuple(o) for o in orders}) == 3
 
 
 def _shard_with_corrupt(path, n_valid=20):

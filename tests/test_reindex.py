@@ -142,6 +142,20 @@ def test_codes_equal_model_argmin_and_search_finds_itself(trained, model, images
     assert list_generations(resolve(root), model.version) == [1]
 
 
+def test_encoder_actors_take_the_drivers_model_not_the_tracking_store(trained, model, images, tmp_path, ray_local):
+    """The driver loads the registry model once and its encoder actors get the weights through
+    the object store: with the tracking store unreachable after that load (an MLflow server
+    that went down; here a store path that does not exist), every shard is still encoded."""
+    import dataclasses
+
+    cfg = trained["cfg"]
+    gone = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, tracking_uri=f"sqlite:///{tmp_path}/no-such-dir/mlflow.db"))
+    summary = reindex(images, str(tmp_path / "index"), f"models:/sscq/{model.version}", gone, progress=False,
+                      loaded=model)
+    assert summary.encoded_shards == 18 and summary.total_rows == 1797 and not summary.skipped, summary.skipped
+
+
 def test_ivf_fastscan_codes_and_recall(trained, model, images, tmp_path, ray_local):
     from conftest import make_cfg
 

@@ -366,24 +366,25 @@ def test_encoder_actor_killed_mid_part_is_retried(digits_all, tmp_path, ray_loca
 
     root = str(tmp_path / "index")
     model = random_model_dir(str(tmp_path / "model"), 4)
-    proc = start_job("reindex.py", *_reindex_args(digits_all, root, model, tmp_path, "index.encode_batch_size=4"),
-                     env=job_env(ray_local), cwd=str(tmp_path), log_path=str(tmp_path / "run.log"))
-    obs = IndexObserver(root)
 
     def builders() -> set[int]:
         return {p.pid for p in psutil.process_iter(["cmdline"]) if "PartBuilder" in " ".join(p.info["cmdline"] or [])}
+    stale = builders()  # an earlier test's killed job may leave a builder still exiting: not this run's
+    proc = start_job("reindex.py", *_reindex_args(digits_all, root, model, tmp_path, "index.encode_batch_size=4"),
+                     env=job_env(ray_local), cwd=str(tmp_path), log_path=str(tmp_path / "run.log"))
+    obs = IndexObserver(root)
 
     try:
         def building():
             assert proc.poll() is None, open(tmp_path / "run.log").read()[-3000:]
             vs = os.listdir(os.path.join(root, "models")) if os.path.isdir(os.path.join(root, "models")) else []
-            return builders() if vs and 1 <= obs.records(vs[0]) < 12 else None
+            return (builders() - stale) if vs and 1 <= obs.records(vs[0]) < 12 else None
         before = wait_for(building, 240, "a builder mid-run", interval=0.01)
         victim = sorted(before)[0]
         os.kill(victim, signal.SIGKILL)
         seen = set(before)
         while proc.poll() is None:
-            seen |= builders()
+            seen |= builders() - stale
             time.sleep(0.05)
     finally:
         kill_group(proc)

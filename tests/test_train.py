@@ -124,6 +124,14 @@ def test_training_registers_challenger_with_metrics_and_artifacts(trained):
     assert os.path.exists(os.path.join(cfg.tracking.output_dir, f"{cfg.train.run_name}-loss.png"))
 
 
+def test_a_cached_set_trains_without_a_split_coordinator(trained):
+    """The cached digits set reaches the workers as block refs (data/cached_shard.py): the run
+    starts its controller and two workers, and no Ray Data split coordinator."""
+    started = trained["actors_started"]
+    assert started.count("RayTrainWorker") == 2, started
+    assert not [c for c in started if "SplitCoordinator" in c], started
+
+
 def test_registered_model_loads_without_training_globals(trained):
     from sscq_dist.registry import load_model
 

@@ -8,10 +8,10 @@ augmented views are made inside the training worker (`sscq_dist.data.augment.two
 so floats and second views never cross the object store.
 
 - Cached path (`cached_train_data`): a collection of at most `data.cache_max_rows` rows is
-  decoded once and materialised in the object store; every epoch is one execution over
-  those blocks in a block order seeded by (seed, epoch index), plus the worker's local
-  shuffle. An epoch's execution has no task to run, so no executor is left spinning
-  while training consumes it (the multi-epoch stream it replaces did: README, Known limits).
+  decoded once and materialised in the object store; every epoch each rank takes its equal
+  share of those blocks in a layout seeded by (seed, epoch) and shuffles its rows
+  (`cached_shard.py`): no split coordinator, no executor per epoch, and a resumed epoch
+  skips exactly the batches already trained on.
 - Streaming path (`streaming_train_data`): larger collections are read and decoded again
   every epoch, with the file order shuffled per execution, seeded by (seed, epoch index).
 
@@ -68,7 +68,9 @@ class TrainData:
 
     dataset: rows id, ok, shard, image (uint8 (H, W, C)); shard_uris: source file of each
     shard index; cached: materialised once (True) or streamed per epoch (False);
-    rows / dropped: counted on the driver for the cached path, None when streaming.
+    rows / dropped: counted on the driver for the cached path, None when streaming;
+    blocks: the cached set's block refs, which the workers deal out themselves (then the
+    dataset only keeps them alive and is not handed to Ray Train).
     """
 
     dataset: "ray.data.Dataset"
@@ -77,6 +79,7 @@ class TrainData:
     rows: Optional[int] = None
     dropped: Optional[int] = None
     dropped_by_shard: dict = field(default_factory=dict)
+    blocks: Optional["CachedBlocks"] = None  # noqa: F821
 
 
 def decoded_images(uri: str, cfg: Config, shuffle_seed: Optional[int] = None) -> tuple["ray.data.Dataset", list[str]]:
@@ -114,23 +117,28 @@ def count_dropped(ds: "ray.data.Dataset") -> tuple[int, int, dict[int, int]]:
 
 
 def cached_train_data(uri: str, cfg: Config, seed: int) -> TrainData:
-    """Decode once into the object store; every epoch iterates it in a new block order.
+    """Decode once into the object store; the workers deal every epoch out of its blocks
+    themselves (`sscq_dist.data.cached_shard`: a block order seeded by (seed, epoch), equal
+    rows per rank, each rank's rows shuffled). Undecodable rows are counted here, once.
 
-    The block order of execution e is a permutation seeded by (seed, e) (Ray Data's
-    `RandomSeedConfig` with `reseed_after_execution`); with Ray Train each epoch's
-    `iter_torch_batches` is one execution; the worker's local shuffle buffer (seeded by
-    (seed, rank, epoch)) mixes rows across neighbouring blocks. Undecodable rows are
-    counted here, once.
+    Should the materialised dataset hold a partial block, the workers read it through Ray
+    Train's split instead, in a block order seeded per execution (`RandomSeedConfig` with
+    `reseed_after_execution`) plus their local shuffle.
     """
     from ray.data import RandomSeedConfig
+
+    from sscq_dist.data.cached_shard import cached_blocks
 
     ds, shard_uris = decoded_images(uri, cfg)
     # Blocks of one decode batch: the per-epoch block permutation then mixes at that
     # granularity, not at the granularity of whole files (Ray Data merges small files).
     decoded = ds.repartition(target_num_rows_per_block=cfg.data.decode_batch_size).materialize()
     rows, dropped, by_shard = count_dropped(decoded)
-    per_epoch = decoded.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return TrainData(per_epoch, shard_uris, cached=True, rows=rows, dropped=dropped, dropped_by_shard=by_shard)
+    blocks = cached_blocks(decoded, seed)
+    if blocks is None:
+        decoded = decoded.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return TrainData(decoded, shard_uris, cached=True, rows=rows, dropped=dropped, dropped_by_shard=by_shard,
+                     blocks=blocks)
 
 
 def streaming_train_data(uri: str, cfg: Config, seed: int) -> TrainData:

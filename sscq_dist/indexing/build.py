@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +57,7 @@ class BuildJob:
     index_type: str
     coarse_checksum: str  # sha256 of the version's trained.index
     cfg_dict: dict  # the job's config with the model's architecture and input size
+    model_ref: Any = None  # the driver's loaded model in the object store (encoder.model_object)
 
 
 class PartBuilder:
@@ -66,7 +67,7 @@ class PartBuilder:
         self.job = BuildJob(**job)
         self.cfg: Config = from_dict(self.job.cfg_dict)
         self.encoder = ImageEncoder(self.job.model_uri, self.job.cfg_dict, self.job.codebook_checksum,
-                                    use_gpu=self.cfg.index.use_gpu)
+                                    use_gpu=self.cfg.index.use_gpu, model_ref=self.job.model_ref)
         root = resolve(self.job.root_uri, self.cfg.storage)
         self.vloc = version_loc(root, self.job.version)
         # One trained empty index per actor: codes are assigned with it, never added to it.

@@ -1,10 +1,14 @@
 """One model on one device for the batch jobs: encoded image bytes -> embeddings.
 
 Used by the part builders (one source shard per call) and by the IVF sample pass. Actors
-get the model's resolved URI (a registry version, never a moving alias) and its codebook
-checksum, and load the weights themselves: constructor arguments stay a few hundred bytes
-of plain data, so an actor that Ray restarts on another node rebuilds itself without any
-object the driver had to keep alive, and a model that is not the one planned is refused.
+get the model's resolved URI (a registry version, never a moving alias), its codebook
+checksum, and the weights the driver already loaded, put once in the object store
+(`model_object`): an actor then never imports MLflow nor asks the tracking server for the
+model (~2 CPU-s and 98 artifact downloads per actor, and at scale a whole pool asking the
+server at once). The object is owned by the driver, which outlives every actor of its job,
+so an actor that Ray restarts on another node fetches it again from there. Without it
+(`model_ref=None`) an actor loads the model by its URI itself. Either way a model that is not
+the one planned is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class ImageEncoder:
     job (tracking settings, the model's input size); codebook_checksum: what the driver planned
     with; use_gpu: run on this actor's GPU when there is one."""
 
-    def __init__(self, model_uri: str, cfg_dict: dict, codebook_checksum: str, use_gpu: bool = False):
+    def __init__(self, model_uri: str, cfg_dict: dict, codebook_checksum: str, use_gpu: bool = False,
+                 model_ref=None):
         from sscq_dist.config import from_dict
         from sscq_dist.errors import IndexError_
         from sscq_dist.indexing.faiss_index import codebook_checksum as checksum_of
@@ -38,7 +43,7 @@ class ImageEncoder:
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # one Ray CPU per actor
-        loaded = load_model(model_uri, cfg.tracking)
+        loaded = from_model_object(model_ref, model_uri) if model_ref is not None else load_model(model_uri, cfg.tracking)
         if checksum_of(loaded.codebooks) != codebook_checksum:
             raise IndexError_(f"model {model_uri} loaded on a worker has codebooks {checksum_of(loaded.codebooks)}, "
                               f"the reindex planned with {codebook_checksum}")
@@ -54,6 +59,29 @@ class ImageEncoder:
         imgs, ok = decode_batch(images, self.data.image_size, self.data.channels, self.data.max_image_pixels)
         x = eval_view(torch.from_numpy(imgs)).to(self.device)
         return self.model.embed(x).float().cpu().numpy(), ok
+
+
+def model_object(loaded) -> "ray.ObjectRef":  # noqa: F821
+    """The loaded model's weights and config in the object store, for `ImageEncoder(model_ref=...)`."""
+    import ray
+
+    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    return ray.put({"state": state, "cfg": loaded.cfg.to_dict(), "name": loaded.name, "version": loaded.version})
+
+
+def from_model_object(ref, model_uri: str):
+    """A LoadedModel rebuilt from `model_object`'s payload (or its ObjectRef)."""
+    import ray
+
+    from sscq_dist.config import from_dict
+    from sscq_dist.model import build_model
+    from sscq_dist.registry import LoadedModel
+
+    payload = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    cfg = from_dict(payload["cfg"])
+    model = build_model(cfg.model, cfg.data.channels)
+    model.load_state_dict(payload["state"])
+    return LoadedModel(model.eval(), cfg, payload["name"], payload["version"], model_uri)
 
 
 def encoder_actors(cfg: Config, work_bytes: Optional[int] = None) -> int:

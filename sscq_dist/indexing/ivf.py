@@ -31,8 +31,8 @@ FAISS_POINTS_PER_CENTROID = 39  # FAISS warns below ~39 training points per list
 class SampleEncoder:
     """Ray Data callable class: {image} -> {f} for rows that decode."""
 
-    def __init__(self, model_uri: str, cfg_dict: dict, codebook_checksum: str, use_gpu: bool):
-        self.encoder = ImageEncoder(model_uri, cfg_dict, codebook_checksum, use_gpu)
+    def __init__(self, model_uri: str, cfg_dict: dict, codebook_checksum: str, use_gpu: bool, model_ref=None):
+        self.encoder = ImageEncoder(model_uri, cfg_dict, codebook_checksum, use_gpu, model_ref=model_ref)
 
     def __call__(self, batch: dict) -> dict:
         f, ok = self.encoder.embed(list(batch["image"]))
@@ -65,7 +65,7 @@ def _train_task(sample_ds, want: int, nlist: int, seed: int, niter: int, codeboo
 
 
 def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_uri: str, enc_cfg: Config,
-                            codebooks: np.ndarray) -> tuple[str, int]:
+                            codebooks: np.ndarray, model_ref=None) -> tuple[str, int]:
     """(sha256, nlist) of the version's trained coarse quantizer, training it first if absent."""
     import ray
 
@@ -92,7 +92,7 @@ def ensure_coarse_quantizer(vloc: Location, sources: list[SourceShard], model_ur
     if fraction < 1.0:
         ds = ds.random_sample(fraction, seed=seed)
     kwargs = {"model_uri": model_uri, "cfg_dict": enc_cfg.to_dict(), "codebook_checksum": fi.codebook_checksum(codebooks),
-              "use_gpu": bool(ix.use_gpu)}
+              "use_gpu": bool(ix.use_gpu), "model_ref": model_ref}
     actors = encoder_actors(enc_cfg, work_bytes=int(sum(s.size for s in shards) * fraction))
     ds = ds.map_batches(SampleEncoder, fn_constructor_kwargs=kwargs,
                         batch_size=ix.encode_batch_size, batch_format="numpy", **actor_pool(enc_cfg, actors))

@@ -33,6 +33,7 @@ from sscq_dist.errors import IndexError_
 from sscq_dist.failpoints import failpoint
 from sscq_dist.indexing import faiss_index as fi
 from sscq_dist.indexing.build import BuildJob, BuildResult, build_parts, raise_build_errors
+from sscq_dist.indexing.encoder import model_object
 from sscq_dist.indexing.formats import SkippedShard, Snapshot, part_name
 from sscq_dist.indexing.id_check import check_unique_ids
 from sscq_dist.indexing.lock import IndexLock
@@ -199,13 +200,15 @@ def _build_and_assemble(plan: Plan, loaded: LoadedModel, cfg: Config, lock, prog
     enc_cfg = encode_config(cfg, loaded)
     checksum = fi.codebook_checksum(loaded.codebooks)
     # The version's one trained empty index (codebooks, IVF quantizer): parts hold codes only.
-    coarse, params = ensure_trained_index(plan.vloc, plan.sources, loaded.uri, enc_cfg, loaded.codebooks)
+    model_ref = model_object(loaded)  # the encoder actors' weights: no MLflow in the actors
+    coarse, params = ensure_trained_index(plan.vloc, plan.sources, loaded.uri, enc_cfg, loaded.codebooks, model_ref)
     stages.done("ivf")
     if progress:
         CONSOLE.line(f"[reindex] {plan.root.uri}: {len(plan.todo)} of {len(plan.sources)} source shards to build "
                      f"for version {plan.version}")
     job = BuildJob(root_uri=plan.root.uri, model_uri=loaded.uri, version=plan.version, codebook_checksum=checksum,
-                   index_type=cfg.index.index_type, coarse_checksum=coarse, cfg_dict=enc_cfg.to_dict())
+                   index_type=cfg.index.index_type, coarse_checksum=coarse, cfg_dict=enc_cfg.to_dict(),
+                   model_ref=model_ref)
     built = build_parts(plan.todo, job, enc_cfg, lock, progress)
     stages.done("build")
     stages.seconds["build_first_part"] = built.first_record_s  # actor start-up and model load, within build

@@ -24,13 +24,13 @@ _TYPES = {"pq_fastscan": faiss.IndexIDMap, "ivf_pq_fastscan": faiss.IndexIVFPQFa
 
 
 def ensure_trained_index(vloc: Location, sources: list[SourceShard], model_uri: str, enc_cfg: Config,
-                         codebooks: np.ndarray) -> tuple[str, dict]:
+                         codebooks: np.ndarray, model_ref=None) -> tuple[str, dict]:
     """(sha256 of trained.index, index params) of the version, writing trained.index first if absent."""
     from sscq_dist.indexing.ivf import ensure_coarse_quantizer
 
     kind = enc_cfg.index.index_type
     if kind == "ivf_pq_fastscan":
-        checksum, nlist = ensure_coarse_quantizer(vloc, sources, model_uri, enc_cfg, codebooks)
+        checksum, nlist = ensure_coarse_quantizer(vloc, sources, model_uri, enc_cfg, codebooks, model_ref)
         return checksum, {"nlist": nlist, "nprobe": enc_cfg.index.nprobe}
     loc = vloc.join(TRAINED_FILE)
     try:

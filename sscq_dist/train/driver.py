@@ -194,7 +194,7 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, data: TrainData
     root = _storage_root(cfg)
     if not root.is_s3:
         os.makedirs(root.path, exist_ok=True)
-    loop_config = {**loop_config, "shard_uris": data.shard_uris}
+    loop_config = {**loop_config, "shard_uris": data.shard_uris, "cached_blocks": data.blocks}
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -207,7 +207,9 @@ def build_trainer(cfg: Config, ray_name: str, loop_config: dict, data: TrainData
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints or None),
         ),
-        datasets={TRAIN_DATASET: data.dataset},
+        # A cached set's blocks travel in the loop config and the workers deal them out
+        # (data/cached_shard.py): no Ray Data split coordinator for a set already in memory.
+        datasets={} if data.blocks is not None else {TRAIN_DATASET: data.dataset},
     )
 
 

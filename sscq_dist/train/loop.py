@@ -1,9 +1,11 @@
 """The per-worker training function: Ray Train worker + DeepSpeed engine + SSCQ objective.
 
-Runs on every worker. Reads its data only through `ray.train.get_dataset_shard("train")`:
-uint8 images (N, H, W, C), moved to the worker's device, where `two_views` makes the two
-augmented views (SPEC section 4). One `iter_torch_batches` per epoch: one Ray Data
-execution per epoch, whose block order and local shuffle are seeded by (seed, epoch).
+Runs on every worker. Reads uint8 images (N, H, W, C), moved to the worker's device, where
+`two_views` makes the two augmented views (SPEC section 4). A streamed set comes through
+`ray.train.get_dataset_shard("train")`: one `iter_torch_batches` per epoch, one Ray Data
+execution per epoch, whose block order and local shuffle are seeded by (seed, epoch). A
+cached set comes as the block refs the driver materialised, and each rank deals itself its
+share of every epoch (`sscq_dist.data.cached_shard`).
 
 Checkpoints: every rank saves its DeepSpeed part and its neighbour-bank shard, then
 `ray.train.report(metrics, checkpoint)`, at the end of every `train.checkpoint_every_epochs`
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from sscq_dist.config import Config, TrainConfig, from_dict
+from sscq_dist.data.cached_shard import epoch_batches
 from sscq_dist.data.pipeline import DropCounter, check_drop_ceiling
 from sscq_dist.train.progress import WorkerConsole
 
@@ -253,9 +256,11 @@ def resume_position(client_state: dict, steps_per_epoch: int) -> ResumePosition:
     lr schedule (global step) and neighbour bank are restored exactly, and the views of
     every later step are too (their generator is seeded by (seed, rank, global step)).
 
-    The data position is approximated: the resumed epoch trains its remaining
+    The data position is exact for a cached set: its epoch order is a function of (seed,
+    epoch, rank, world), and the resumed epoch skips the k batches already trained on. For a
+    streamed set it is approximated: the resumed epoch trains its remaining
     steps_per_epoch - k steps on a fresh pass over the data in a new seeded order, not on
-    the rows the lost pass had not reached yet. Exact replay is not possible here because
+    the rows the lost pass had not reached yet. Exact replay is not possible there because
     Ray Data's streaming split hands blocks to workers in arrival order. For SGD this is
     sound: every batch is still a uniform random sample of the training set, so each step's
     gradient stays an unbiased estimate and the step count and lr schedule are exact; the
@@ -344,7 +349,8 @@ def train_func(loop_config: dict) -> None:
         logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.tracking.max_attempts,
                            request_timeout_s=cfg.tracking.request_timeout_s)
 
-    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+    cached = loop_config.get("cached_blocks")
+    shard = None if cached is not None else ray.train.get_dataset_shard(TRAIN_DATASET)
     k = cfg.model.num_codewords
     every = cfg.train.checkpoint_every_steps
 
@@ -382,11 +388,13 @@ def train_func(loop_config: dict) -> None:
         if budget_s and global_step >= plan.total:
             break
         first_step = pos.step_in_epoch if epoch == pos.epoch else 0
-        # One execution per epoch; its block order is seeded by (seed, epoch) in the dataset.
-        stream = iter(shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=epoch_shuffle_seed(cfg.train.seed, rank, epoch) if cfg.data.shuffle_buffer else None))
+        if cached is not None:  # this rank's share of the epoch, past the batches already trained on
+            stream = (_to_torch(b, device) for b in epoch_batches(cached, epoch, rank, world, local_batch, first_step))
+        else:  # one execution per epoch; its block order is seeded by (seed, epoch) in the dataset
+            stream = iter(shard.iter_torch_batches(
+                batch_size=local_batch, drop_last=True, device=device, prefetch_batches=cfg.data.prefetch_batches,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=epoch_shuffle_seed(cfg.train.seed, rank, epoch) if cfg.data.shuffle_buffer else None))
         engine.train()
         use_bank = bank is not None and epoch >= cfg.bank.warmup_epochs
         drops = DropCounter()
@@ -513,6 +521,10 @@ def _check_drops(drops: DropCounter, shard_uris: list, max_fraction: float, worl
         if row[0] >= 0:
             by_shard[int(row[0])] = by_shard.get(int(row[0]), 0) + int(row[1])
     check_drop_ceiling(rows, dropped, by_shard, shard_uris, max_fraction)
+
+
+def _to_torch(batch: dict, device: torch.device) -> dict:
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
 
 def _take(stream, n: int):
