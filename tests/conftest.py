@@ -80,19 +80,32 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's standalone S3 server on 127.0.0.1; code reaches it only through its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+    """moto's standalone S3 server on 127.0.0.1 in its own process; code reaches it only through
+    its endpoint URL. (Not moto's in-process threaded server: its request threads would share
+    this process with the tests' Ray driver, torch and FAISS.)"""
+    import subprocess
+    import time
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start on port {port} (exit {server.poll()})")
+            time.sleep(0.1)
     endpoint = f"http://127.0.0.1:{port}"
     old = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                            "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
                        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
     yield endpoint
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
