@@ -62,6 +62,7 @@ class Recipe:
     name: str
     model: dict = dataclasses.field(default_factory=dict)
     loss: dict = dataclasses.field(default_factory=dict)
+    augment: dict = dataclasses.field(default_factory=dict)  # data.augment overrides
     batch: int = 256
     optimizer: str = "adam"  # adam | sgd (Nesterov) | lars
     lr: Optional[float] = None  # None: train.lr for adam, 0.1 sgd, 0.3 * batch / 256 lars
@@ -104,6 +105,23 @@ def candidates() -> list[Recipe]:
         # (AMX, or AVX-512 bf16 only).
         Recipe("combo_sgd_fp32", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd",
                bf16=False, channels_last=False),
+        # Third study (2 CPU cores): augmentations for 28 px grey images (item 4), then the loss
+        # temperatures and the codeword-diversity weight (item 6), each alone on combo_sgd.
+        *[Recipe(f"combo_sgd_{name}", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd",
+                 augment=aug, loss=loss) for name, aug, loss in (
+            ("nojitter", {"jitter_p": 0.0}, {}),
+            ("crop0.6", {"crop_scale_min": 0.6}, {}),
+            ("rot15", {"rotate_deg": 15.0}, {}),
+            ("erase0.5", {"erase_p": 0.5}, {}),
+            ("noblur", {"blur_p": 0.0}, {}),
+            ("tcc0.5", {}, {"tau_cc": 0.5}),
+            ("tpn0.2", {}, {"tau_pn": 0.2}),
+            ("wcd0", {}, {"w_cd": 0.0}),
+            # Without jitter the codes fell to 0.54: intensity is the shortcut to take away, so more.
+            ("jitter0.8", {"brightness": 0.8, "contrast": 0.8}, {}),
+            ("jitterp1", {"jitter_p": 1.0}, {}),
+            ("crop0.6_jitter0.8", {"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 0.8}, {}),
+        )],
     ]
 
 
@@ -300,6 +318,7 @@ def build(r: Recipe, device: torch.device):
     cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, **r.model)
     cfg.loss = dataclasses.replace(cfg.loss, **r.loss)
+    cfg.data.augment = dataclasses.replace(cfg.data.augment, **r.augment)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1).to(device)
     if r.channels_last:
@@ -311,7 +330,8 @@ def build(r: Recipe, device: torch.device):
     return cfg, model, extra
 
 
-def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit, max_steps: int = 0) -> None:
+def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit, max_steps: int = 0,
+                    eval_fractions: tuple = EVAL_FRACTIONS) -> None:
     """Train r for budget_s seconds of training time (evaluation pauses the clock); emit(row) per eval."""
     cfg, model, extra = build(r, device)
     objective = SSCQObjective(cfg.loss, cfg.model)
@@ -331,7 +351,7 @@ def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit
     n_train = len(db_x)
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=r.bf16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    evals = list(EVAL_FRACTIONS)
+    evals = sorted(eval_fractions)
     step = images = 0
     elapsed = 0.0
     perm = torch.randperm(n_train, device=device)
@@ -459,6 +479,9 @@ def main(argv=None) -> int:
     p.add_argument("--q-limit", type=int, default=0, help="smoke runs: keep this many queries")
     p.add_argument("--max-steps", type=int, default=0, help="smoke runs: stop each candidate after this many steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--eval-at", default=",".join(str(f) for f in EVAL_FRACTIONS),
+                   help="fractions of the budget to score at (the budget's end always is; each CPU eval of "
+                        "the full split takes ~75 s)")
     p.add_argument("--check-eval", action="store_true", help="compare the torch ADC/cosine mAP with evaluation.py first")
     p.add_argument("--continue-on-check-failure", action="store_true",
                    help="run the study even when --check-eval finds a gap (one-shot device runs)")
@@ -501,7 +524,8 @@ def main(argv=None) -> int:
 
     for r in recipes:
         try:
-            train_candidate(r, data, device, a.budget_s, emit, a.max_steps)
+            train_candidate(r, data, device, a.budget_s, emit, a.max_steps,
+                            tuple(float(f) for f in a.eval_at.split(",") if f))
         except Exception as exc:  # one broken candidate must not cost the others their device time
             print(f"{r.name}: FAILED {type(exc).__name__}: {exc}", flush=True)
             with open(jsonl, "a") as f:

@@ -59,6 +59,14 @@ class AugmentConfig:
     blur_p: float = 0.5
     blur_sigma_min: float = 0.1
     blur_sigma_max: float = 1.0
+    # Off by default (issue 25, item 4): a rotation uniform in [-rotate_deg, rotate_deg] of
+    # every view, and random erasing (a rectangle of erase_scale of the image area, aspect
+    # ratio log-uniform in [1/3, 3], filled with the normalised mean) with probability erase_p.
+    # While both are off, views are drawn exactly as before (one random draw per view).
+    rotate_deg: float = 0.0
+    erase_p: float = 0.0
+    erase_scale_min: float = 0.02
+    erase_scale_max: float = 0.2
 
 
 @dataclass
@@ -403,7 +411,7 @@ def validate(cfg: Config) -> Config:
     _check(d.max_image_pixels >= 64, "data.max_image_pixels", f"must be >= 64, got {d.max_image_pixels}")
     for name in ("row_group_rows", "row_group_bytes"):
         _check(getattr(d, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(d, name)}")
-    for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
+    for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p", "erase_p"):
         v = getattr(a, name)
         _check(0.0 <= v <= 1.0, f"data.augment.{name}", f"probability must be in [0, 1], got {v}")
     _check(0 < a.crop_scale_min <= a.crop_scale_max <= 1.0, "data.augment.crop_scale_min",
@@ -412,6 +420,9 @@ def validate(cfg: Config) -> Config:
            "need 0 < crop_ratio_min <= crop_ratio_max")
     _check(0 < a.blur_sigma_min <= a.blur_sigma_max, "data.augment.blur_sigma_min",
            "need 0 < blur_sigma_min <= blur_sigma_max")
+    _check(0.0 <= a.rotate_deg <= 180.0, "data.augment.rotate_deg", f"must be in [0, 180], got {a.rotate_deg}")
+    _check(0 < a.erase_scale_min <= a.erase_scale_max < 1.0, "data.augment.erase_scale_min",
+           "need 0 < erase_scale_min <= erase_scale_max < 1")
     _check(t.num_workers >= 1, "train.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.global_batch_size >= 2 * t.num_workers, "train.global_batch_size",
            f"must be >= 2 per worker, got {t.global_batch_size} for {t.num_workers} workers")

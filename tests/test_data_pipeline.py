@@ -2,6 +2,7 @@
 decode-once cache, eval determinism, corrupt-row counting, schema errors."""
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,50 @@ def test_view_parameters_follow_the_config():
     assert abs(float(p.blur.mean()) - 0.6) < 0.02 and abs(float(p.jitter.mean()) - 0.8) < 0.02
     assert 0.4 <= float(p.area.min()) and float(p.area.max()) <= 0.9 and abs(float(p.area.mean()) - 0.65) < 0.01
     assert float(p.sigma.min()) >= aug.blur_sigma_min and float(p.sigma.max()) <= aug.blur_sigma_max
+
+
+def test_rotation_and_erasing_are_off_by_default_and_leave_the_draws_alone():
+    """Without rotation or erasing a view costs one random draw, as before the options existed:
+    every config written before them keeps its exact views and resumes on the same draws."""
+    g = torch.Generator().manual_seed(5)
+    p = sample_params(64, AugmentConfig(), g)
+    assert p.angle is None and p.erase is None
+    ref = torch.Generator().manual_seed(5)
+    torch.rand(64, 12, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def test_rotation_turns_the_view_by_the_drawn_angle():
+    """A full-image window turned by +90 degrees is torch.rot90 of the image (pixel centres map
+    onto pixel centres); the drawn angles span [-rotate_deg, rotate_deg]."""
+    from sscq_dist.data.augment import random_resized_crop_flip
+    aug = AugmentConfig(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, hflip_p=0.0, rotate_deg=15)
+    p = sample_params(20_000, aug, torch.Generator().manual_seed(0))
+    deg = p.angle * 180 / math.pi
+    assert float(deg.min()) >= -15 and float(deg.max()) <= 15 and float(deg.abs().mean()) > 7
+    one = sample_params(1, aug, torch.Generator().manual_seed(0))
+    one.angle, one.cx, one.cy = torch.tensor([math.pi / 2]), torch.zeros(1), torch.zeros(1)
+    x = torch.arange(36.0).view(1, 1, 6, 6)
+    assert torch.allclose(random_resized_crop_flip(x, one), torch.rot90(x, 1, (2, 3)), atol=1e-4)
+
+
+def test_erasing_fills_a_rectangle_of_the_drawn_area_at_rate_erase_p():
+    """Every other op off: a view differs from its image only inside one rectangle filled with the
+    normalised mean (0), whose area lies in [erase_scale_min, erase_scale_max] of the image."""
+    aug = AugmentConfig(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, hflip_p=0.0,
+                        jitter_p=0.0, blur_p=0.0, erase_p=0.4, erase_scale_min=0.05, erase_scale_max=0.2)
+    n = 2000
+    imgs = torch.full((n, 20, 20, 1), 255, dtype=torch.uint8)  # white: any erased pixel shows
+    v = two_views(imgs, aug, seed=0)[:n, 0]
+    erased = v == 0.0
+    share = erased.flatten(1).float().mean(1)
+    hit = share > 0
+    assert abs(float(hit.float().mean()) - 0.4) < 0.04
+    # whole-pixel rectangles of a drawn area; rounding to pixels widens the bounds a little
+    assert float(share[hit].min()) >= 0.02 and float(share[hit].max()) <= 0.3
+    rows, cols = erased[hit].any(2), erased[hit].any(1)
+    assert torch.equal(rows.sum(1) * cols.sum(1), erased[hit].flatten(1).sum(1))  # one rectangle each
+    assert torch.all(v[~erased] == 1.0)
 
 
 def test_flip_share_of_real_views_matches_hflip_p():

@@ -59,7 +59,9 @@ class ViewParams:
     area, log_ratio: crop area (fraction of the image) and log aspect ratio;
     cx, cy: crop centre in [-1, 1] units of the free margin; flip: 1 = mirrored;
     jitter: 1 = colour jitter applied, with factors brightness, contrast, saturation;
-    gray: 1 = converted to grey (colour images only); blur: 1 = blurred with sigma.
+    gray: 1 = converted to grey (colour images only); blur: 1 = blurred with sigma;
+    angle: rotation in radians; erase: 1 = a rectangle of erase_area (fraction of the image),
+    aspect exp(erase_log_ratio), corner at (erase_cx, erase_cy) of the free margin, is erased.
     """
 
     area: torch.Tensor
@@ -74,6 +76,13 @@ class ViewParams:
     gray: torch.Tensor
     blur: torch.Tensor
     sigma: torch.Tensor
+    # None while the config's rotation and erasing are off.
+    angle: Optional[torch.Tensor] = None
+    erase: Optional[torch.Tensor] = None
+    erase_area: Optional[torch.Tensor] = None
+    erase_log_ratio: Optional[torch.Tensor] = None
+    erase_cx: Optional[torch.Tensor] = None
+    erase_cy: Optional[torch.Tensor] = None
 
 
 def _span(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -99,7 +108,26 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
         gray=(c[9] < cfg.grayscale_p).float(),
         blur=(c[10] < cfg.blur_p).float(),
         sigma=_span(c[11], cfg.blur_sigma_min, cfg.blur_sigma_max),
+        **_geometry_params(n, cfg, generator, device),
     )
+
+
+def _geometry_params(n: int, cfg: AugmentConfig, generator: torch.Generator,
+                     device: Optional[torch.device]) -> dict:
+    """Rotation and erasing draws: a second `torch.rand` call, made only when either is on, so
+    configs without them keep their exact views (and resumed runs their exact draws)."""
+    if cfg.rotate_deg <= 0 and cfg.erase_p <= 0:
+        return {}
+    u = torch.rand(n, 6, generator=generator)
+    c = [col for col in (u.to(device) if device is not None else u).T]
+    return {
+        "angle": _span(c[0], -cfg.rotate_deg, cfg.rotate_deg) * (math.pi / 180.0),
+        "erase": (c[1] < cfg.erase_p).float(),
+        "erase_area": _span(c[2], cfg.erase_scale_min, cfg.erase_scale_max),
+        "erase_log_ratio": _span(c[3], -math.log(3.0), math.log(3.0)),
+        "erase_cx": c[4],
+        "erase_cy": c[5],
+    }
 
 
 def random_resized_crop_flip(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
@@ -111,10 +139,17 @@ def random_resized_crop_flip(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     h = torch.sqrt(p.area / ratio).clamp(max=1.0)
     sign = 1.0 - 2.0 * p.flip
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = w * sign
     theta[:, 0, 2] = p.cx * (1 - w)
-    theta[:, 1, 1] = h
     theta[:, 1, 2] = p.cy * (1 - h)
+    if p.angle is None:
+        theta[:, 0, 0] = w * sign
+        theta[:, 1, 1] = h
+    else:  # the crop window turned by angle about its centre: R(angle) @ diag(w * sign, h)
+        cos, sin = torch.cos(p.angle), torch.sin(p.angle)
+        theta[:, 0, 0] = cos * w * sign
+        theta[:, 0, 1] = -sin * h
+        theta[:, 1, 0] = sin * w * sign
+        theta[:, 1, 1] = cos * h
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -164,12 +199,31 @@ def gaussian_blur(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     return y.view(n, ch, hgt, wid)
 
 
+def random_erase(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+    """Fill one rectangle per sample (where p.erase = 1) with NORM_MEAN (0 once normalised)."""
+    if p.erase is None:
+        return x
+    n, _, hgt, wid = x.shape
+    ratio = torch.exp(p.erase_log_ratio)
+    eh = (torch.sqrt(p.erase_area / ratio) * hgt).clamp(1, hgt)
+    ew = (torch.sqrt(p.erase_area * ratio) * wid).clamp(1, wid)
+    top = p.erase_cy * (hgt - eh)
+    left = p.erase_cx * (wid - ew)
+    rows = torch.arange(hgt, device=x.device, dtype=x.dtype).view(1, hgt, 1)
+    cols = torch.arange(wid, device=x.device, dtype=x.dtype).view(1, 1, wid)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    mask = (inside & (p.erase.view(n, 1, 1) > 0)).unsqueeze(1)
+    return torch.where(mask, torch.full_like(x, NORM_MEAN), x)
+
+
 def apply_view(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     """float (N, C, H, W) in [0, 1] -> one augmented, normalised view (N, C, H, W)."""
     x = random_resized_crop_flip(x, p)
     x = color_jitter(x, p)
     x = random_grayscale(x, p)
     x = gaussian_blur(x, p)
+    x = random_erase(x, p)
     return normalize(x)
 
 
