@@ -121,6 +121,11 @@ def candidates() -> list[Recipe]:
             ("jitter0.8", {"brightness": 0.8, "contrast": 0.8}, {}),
             ("jitterp1", {"jitter_p": 1.0}, {}),
             ("crop0.6_jitter0.8", {"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 0.8}, {}),
+            # Fourth study: how far the two winners go (jitter 1.0 lets a factor reach 0).
+            ("crop0.6_jitter1.0", {"crop_scale_min": 0.6, "brightness": 1.0, "contrast": 1.0}, {}),
+            ("crop0.6_jitter1.4", {"crop_scale_min": 0.6, "brightness": 1.4, "contrast": 1.4}, {}),
+            ("crop0.8_jitter0.8", {"crop_scale_min": 0.8, "brightness": 0.8, "contrast": 0.8}, {}),
+            ("crop0.6_contrast1.4", {"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 1.4}, {}),
         )],
     ]
 
