@@ -16,7 +16,12 @@
 # 4b. benchmarks/augment_speed.py on the GPU: two-view augmentation images/s (ours vs kornia),
 #    3 channels at 32 and 224 px;
 # 5. benchmarks/encode_throughput.py with index.use_gpu=true (one encoding actor per GPU),
-#    28 px as well.
+#    28 px as well;
+# 6. benchmarks/quality_fashion_mnist.py on the GPU (issue 25): the Fashion-MNIST recipe
+#    (configs/fashion_mnist.yaml), test split, 32 bits, 1 worker, trained for QUALITY_MINUTES
+#    (default 5, to fit a short device lease; the aim is 60) with the mAP-vs-time curve. Its data: the shards under
+#    FMNIST_DATA (default data/fashion_mnist, ~32 MB: carry it to a machine without the
+#    Debian package), else the package's IDX files. QUALITY_MINUTES=0 skips the step.
 # Every step has a time limit (STEP_TIMEOUT seconds) and its exit status goes into the JSON,
 # so a failing step does not hide the numbers of the others.
 set -uo pipefail
@@ -29,6 +34,8 @@ PYTHON="${PYTHON:-python3}"
 EPOCHS="${EPOCHS:-3}"
 ENCODE_ROWS="${ENCODE_ROWS:-60000}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
+QUALITY_MINUTES="${QUALITY_MINUTES:-5}"
+FMNIST_DATA="${FMNIST_DATA:-data/fashion_mnist}"
 # GPU_CHECK_CPU=1 runs the same steps on CPU (train.use_gpu=false): a dry run of this script.
 if [ "${GPU_CHECK_CPU:-0}" = "1" ]; then USE_GPU=false; else USE_GPU=true; fi
 # Data, runs and checkpoints stay outside $OUT, so only logs and JSON come back from a device.
@@ -130,6 +137,19 @@ EOF
     run_step encode "$PY" benchmarks/encode_throughput.py --source digits --rows "$ENCODE_ROWS" --quiet \
         --data-dir "$WORK/data/digits-encode" --out "$WORK/encode" --json "$OUT/encode_throughput.json" \
         "index.use_gpu=$USE_GPU" data.image_size=28
+    # ------------------------------------------------------------ 6. retrieval quality for a fixed budget
+    if [ "$QUALITY_MINUTES" != "0" ]; then
+        # Training budget plus start-up, the untrained, checkpoint and final evaluations (each
+        # ~1 min of 10,000 x 60,000 on 2 CPU cores: ~7 min of overhead in a CPU dry run).
+        STEP_TIMEOUT=$(awk -v m="$QUALITY_MINUTES" -v t="$STEP_TIMEOUT" 'BEGIN { printf "%d", m * 60 * 1.2 + 2 * t }') \
+        run_step quality "$PY" benchmarks/quality_fashion_mnist.py --split test --bits 32 --methods sscq \
+            --workers 1 --curve-methods sscq --curve-bits 32 --curve-points 20 --quiet \
+            --data-dir "$FMNIST_DATA" --out "$WORK/quality" \
+            "train.use_gpu=$USE_GPU" "train.time_budget_minutes=$QUALITY_MINUTES"
+        cp "$WORK/quality/results.json" "$OUT/quality_results.json" 2> /dev/null
+        cp "$WORK/quality/results.md" "$OUT/quality_results.md" 2> /dev/null
+        cp "$WORK/quality/map_vs_time.png" "$OUT/quality_map_vs_time.png" 2> /dev/null
+    fi
 else
     log "no usable CUDA device: training and encoding checks skipped"
 fi
@@ -153,7 +173,8 @@ with open(os.path.join(out, "steps.tsv")) as f:
 summary = {"cuda": load("cuda.json"), "steps": steps, "train": load("train_metrics.json"),
            "train_throughput": load("train_throughput.json"),
            "train_throughput_compile": load("train_throughput_compile.json"),
-           "encode_throughput": load("encode_throughput.json")}
+           "encode_throughput": load("encode_throughput.json"),
+           "quality": load("quality_results.json")}
 tt, et = summary["train_throughput"] or {}, summary["encode_throughput"] or {}
 tc = summary["train_throughput_compile"] or {}
 summary["headline"] = {
@@ -167,6 +188,11 @@ summary["headline"] = {
     "encode_bare_forward_images_per_s": (et.get("bare") or {}).get("forward_images_per_s"),
     "encode_ratio": et.get("ratio_reindex_vs_bare"),
 }
+# The quality run's result (results.json keeps one row per method/bits).
+q = ((summary["quality"] or {}).get("results") or {}).get("sscq/32") or {}
+summary["headline"].update(quality_map_at_1000_32b=q.get("map_sql2"), quality_float_map=q.get("map_float"),
+                           quality_epochs=q.get("epochs"), quality_train_wall_s=q.get("train_wall_s"),
+                           quality_images_per_s=q.get("images_per_s"))
 with open(os.path.join(out, "gpu_check.json"), "w") as f:
     json.dump(summary, f, indent=1)
 print(json.dumps({"steps": steps, "headline": summary["headline"]}, indent=1))
