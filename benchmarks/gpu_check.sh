@@ -19,9 +19,10 @@
 #    28 px as well;
 # 6. benchmarks/quality_fashion_mnist.py on the GPU (issue 25): the Fashion-MNIST recipe
 #    (configs/fashion_mnist.yaml), test split, 32 bits, 1 worker, trained for QUALITY_MINUTES
-#    (default 5, to fit a short device lease; the aim is 60) with the mAP-vs-time curve. Its data: the shards under
-#    FMNIST_DATA (default data/fashion_mnist, ~32 MB: carry it to a machine without the
-#    Debian package), else the package's IDX files. QUALITY_MINUTES=0 skips the step.
+#    (default 5, to fit a short device lease; the aim is 60) with the mAP-vs-time curve.
+#    Its data: the shards under FMNIST_DATA (default data/fashion_mnist, ~32 MB: carry it to
+#    a machine without the Debian package), else the package's IDX files. QUALITY_MINUTES=0
+#    skips the step.
 # Every step has a time limit (STEP_TIMEOUT seconds) and its exit status goes into the JSON,
 # so a failing step does not hide the numbers of the others.
 set -uo pipefail
@@ -146,9 +147,9 @@ EOF
             --workers 1 --curve-methods sscq --curve-bits 32 --curve-points 20 --quiet \
             --data-dir "$FMNIST_DATA" --out "$WORK/quality" \
             "train.use_gpu=$USE_GPU" "train.time_budget_minutes=$QUALITY_MINUTES"
-        cp "$WORK/quality/results.json" "$OUT/quality_results.json" 2> /dev/null
-        cp "$WORK/quality/results.md" "$OUT/quality_results.md" 2> /dev/null
-        cp "$WORK/quality/map_vs_time.png" "$OUT/quality_map_vs_time.png" 2> /dev/null
+        for f in results.json results.md map_vs_time.png; do
+            cp "$WORK/quality/$f" "$OUT/quality_$f" 2> /dev/null
+        done
     fi
 else
     log "no usable CUDA device: training and encoding checks skipped"
