@@ -244,3 +244,26 @@ def test_recipe_study_smoke(tmp_path):
     final = [r for r in rows[1:] if r.get("fraction") == 1.0]
     assert [r["candidate"] for r in final] == ["baseline"] and final[0]["steps"] == 1
     assert 0 <= final[0]["map_codes"] <= 1 and (out / "map_vs_time.png").stat().st_size > 0
+
+
+def test_rerank_study_decodes_never_counts_an_item_as_its_own_neighbour_and_keeps_norms():
+    """rerank_study.py's pieces: decoding is the codeword concatenation, a database item is
+    never its own neighbour (also when other items share its code and tie with it), and an
+    expansion keeps each vector's norm (the scale the codebooks were trained at)."""
+    import numpy as np
+
+    sys.path.insert(0, BENCH)
+    import rerank_study as rr
+
+    rng = np.random.default_rng(0)
+    cb = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    codes = np.array([[0, 1], [0, 1], [0, 1], [3, 2]], dtype=np.uint8)
+    recon = rr.decode(codes, cb)
+    assert np.array_equal(recon[3], np.concatenate([cb[0, 3], cb[1, 2]]))
+    f = (recon + 0.01 * rng.normal(size=recon.shape)).astype(np.float32)
+    nb = rr.neighbours_without_self(f, codes, cb, 2)
+    assert nb.shape == (4, 2) and all(i not in row for i, row in enumerate(nb)), nb
+    assert set(nb[0]) == {1, 2} and set(nb[2]) == {0, 1}  # the items sharing its code
+    y = rr.expand(f, nb, recon, 2, 1.0)
+    assert not np.allclose(y, f)
+    assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(f, axis=1), rtol=1e-5)
