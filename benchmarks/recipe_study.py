@@ -131,6 +131,11 @@ def candidates() -> list[Recipe]:
         # a CPU budget long enough for the teacher to lead (the GPU's 27 s was ~6 epochs).
         Recipe("final_ema_teacher", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd",
                augment={"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 0.8}, ema=0.996),
+        # The GPU study's other two item-5/item-1 additions, on the final recipe at the same budget.
+        Recipe("final_nnclr", model={**vgg, "normalize_embedding": True, "tau_q": 0.1}, optimizer="sgd",
+               augment={"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 0.8}, nnclr=0.5),
+        Recipe("final_linhead_aux", model={**vgg, "normalize_embedding": True, "tau_q": 0.1, "head_layers": 1},
+               optimizer="sgd", augment={"crop_scale_min": 0.6, "brightness": 0.8, "contrast": 0.8}, aux_head=True),
     ]
 
 
