@@ -78,6 +78,10 @@ class Recipe:
     w_teacher: float = 0.5
     nnclr: float = 0.0  # > 0: weight of an NNCLR term (nearest bank neighbour as positive)
     nnclr_bank: int = 16384
+    knn_swap_p: float = 0.0  # > 0: a row's second view is drawn from a mined neighbour image
+    knn_k: int = 5
+    knn_start: float = 0.3  # fraction of the budget at the first mining, then every knn_every
+    knn_every: float = 0.2
 
 
 def candidates() -> list[Recipe]:
@@ -136,6 +140,19 @@ def candidates() -> list[Recipe]:
         Recipe("final_nnclr", model=final, optimizer="sgd", augment=final_aug, nnclr=0.5),
         Recipe("final_linhead_aux", model={**final, "head_layers": 1}, optimizer="sgd", augment=final_aug,
                aux_head=True),
+        # Sixth study: the NT-Xent terms' false negatives (item 5). With ten balanced classes a
+        # tenth of each anchor's "negatives" share its class: debias their sum (Chuang et al.
+        # 2020, the class prior tau+) or cancel each anchor's 20 most similar (Huynh et al. 2022).
+        Recipe("final_dcl0.1", model=final, optimizer="sgd", augment=final_aug, loss={"debias_tau_plus": 0.1}),
+        Recipe("final_fncancel20", model=final, optimizer="sgd", augment=final_aug, loss={"fn_cancel_k": 20}),
+        # The instance temperature (item 6), last chosen on the old small_cnn recipe.
+        *[Recipe(f"final_tic{t}", model=final, optimizer="sgd", augment=final_aug, loss={"tau_ic": t})
+          for t in (0.3, 0.8)],
+        # Neighbour positives mined from the whole training set (item 5; NNCLR's bank of stale
+        # embeddings lost): from 30 % of the budget on, every 20 %, the 5 nearest images of each
+        # by backbone cosine are mined, and half the rows take their second view from one of them.
+        # The mining counts against the budget.
+        Recipe("final_knnswap0.5", model=final, optimizer="sgd", augment=final_aug, knn_swap_p=0.5),
     ]
 
 
@@ -218,6 +235,22 @@ def encode_all(model, images_nhwc: torch.Tensor, batch: int = 4096):
         fs.append(f.float())
     model.train(was)
     return torch.cat(hs), torch.cat(fs)
+
+
+@torch.no_grad()
+def nearest_rows(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """(N, k) int64: each row's k most similar other rows of x (N, D) by dot product."""
+    out = []
+    for s in range(0, len(x), chunk):
+        sim = x[s:s + chunk] @ x.T
+        sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))] = float("-inf")  # never itself
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def mine_neighbours(model, images_nhwc: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) int64: each image's k nearest other images by backbone cosine."""
+    return nearest_rows(F.normalize(encode_all(model, images_nhwc)[0], dim=1), k)
 
 
 def evaluate(model, data, topk: int = TOPK) -> dict:
@@ -363,6 +396,7 @@ def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit
         bank_ptr = 0
     db_x = data[0]
     n_train = len(db_x)
+    knn, next_mine = None, (r.knn_start if r.knn_swap_p > 0 else None)
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=r.bf16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     evals = sorted(eval_fractions)
@@ -393,6 +427,13 @@ def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit
                     return
                 sync()
                 t0 += time.perf_counter() - t_eval  # evaluation does not count against the budget
+            if next_mine is not None and elapsed >= next_mine * budget_s:
+                t_mine = time.perf_counter()
+                knn = mine_neighbours(model, db_x, r.knn_k)  # on the clock: part of the method
+                purity = float((data[1][knn] == data[1][:, None]).float().mean())  # report only
+                print(f"{r.name:>20} t={elapsed:6.1f}s mined {r.knn_k} neighbours in "
+                      f"{time.perf_counter() - t_mine:.1f}s, same label {purity:.3f}", flush=True)
+                next_mine = next_mine + r.knn_every if next_mine + r.knn_every < 1.0 else None
             f = lr_factor(elapsed / budget_s)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
@@ -401,10 +442,19 @@ def train_candidate(r: Recipe, data, device: torch.device, budget_s: float, emit
             t0, images = time.perf_counter(), 0
         if pos + r.batch > n_train:
             perm, pos = torch.randperm(n_train, device=device), 0
-        batch = db_x[perm[pos:pos + r.batch]]
+        idx = perm[pos:pos + r.batch]
+        batch = db_x[idx]
         pos += r.batch
         n = len(batch)
         views = two_views(batch, cfg.data.augment, 0, 0, step, channels_last=r.channels_last)
+        if knn is not None:
+            swap = torch.rand(n, device=device) < r.knn_swap_p
+            pick = knn[idx, torch.randint(r.knn_k, (n,), device=device)]
+            partner = torch.where(swap, pick, idx)
+            # The same step's view-b parameters, applied to the partner images.
+            views_b = two_views(db_x[partner], cfg.data.augment, 0, 0, step, channels_last=r.channels_last)[n:]
+            views = torch.cat([views[:n], views_b]).contiguous(
+                memory_format=torch.channels_last if r.channels_last else torch.contiguous_format)
         with amp:
             h, f = model.encode(views)
         out = model.quantize(f)

@@ -146,6 +146,10 @@ class LossConfig:
     tau_pn: float = 0.5
     tau_cd: float = 0.2
     num_neighbors: int = 20
+    # Additions to the two NT-Xent terms (L_icf, L_icz), off at 0 (issue 25, item 5): the
+    # debiased negatives' class prior tau+ in [0, 1), and k hardest negatives cancelled.
+    debias_tau_plus: float = 0.0
+    fn_cancel_k: int = 0
 
 
 @dataclass
@@ -400,6 +404,8 @@ def validate(cfg: Config) -> Config:
     for name in ("w_icf", "w_icz", "w_cc", "w_pn", "w_cd"):
         _check(getattr(l, name) >= 0, f"loss.{name}", f"weight must be >= 0, got {getattr(l, name)}")
     _check(l.num_neighbors >= 1, "loss.num_neighbors", f"must be >= 1, got {l.num_neighbors}")
+    _check(0.0 <= l.debias_tau_plus < 1.0, "loss.debias_tau_plus", f"must be in [0, 1), got {l.debias_tau_plus}")
+    _check(l.fn_cancel_k >= 0, "loss.fn_cancel_k", f"must be >= 0, got {l.fn_cancel_k}")
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(d.decode_batch_size >= 1, "data.decode_batch_size", f"must be >= 1, got {d.decode_batch_size}")

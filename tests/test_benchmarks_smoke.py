@@ -246,6 +246,25 @@ def test_recipe_study_smoke(tmp_path):
     assert 0 <= final[0]["map_codes"] <= 1 and (out / "map_vs_time.png").stat().st_size > 0
 
 
+def test_recipe_study_mined_neighbours_are_the_nearest_other_rows_never_the_row_itself():
+    """The neighbour-swap candidate's miner: brute-force nearest rows by dot product, across
+    chunk borders, and never the row itself even where a duplicate row ties with it."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    import recipe_study as rs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(37, 5, generator=g), dim=1)
+    x[7] = x[3]  # a duplicate: each is the other's nearest, and ties with itself
+    got = rs.nearest_rows(x, 4, chunk=10)
+    sim = x @ x.T
+    sim.fill_diagonal_(float("-inf"))
+    assert torch.equal(got, sim.topk(4, dim=1).indices)
+    assert not (got == torch.arange(37)[:, None]).any()
+    assert got[3, 0] == 7 and got[7, 0] == 3
+
+
 def test_rerank_study_decodes_never_counts_an_item_as_its_own_neighbour_and_keeps_norms():
     """rerank_study.py's pieces: decoding is the codeword concatenation, a database item is
     never its own neighbour (also when other items share its code and tie with it), and an

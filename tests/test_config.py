@@ -28,6 +28,8 @@ def test_overrides_are_typed():
     ("model.bits=abc", "model.bits"),
     ("train.lr=-1", "train.lr"),
     ("loss.tau_cd=0", "loss.tau_cd"),
+    ("loss.debias_tau_plus=1", "loss.debias_tau_plus"),
+    ("loss.fn_cancel_k=-2", "loss.fn_cancel_k"),
     ("train.global_batch_size=127", "train.global_batch_size"),
     ("data.augment.hflip_p=1.5", "data.augment.hflip_p"),
     ("data.augment.erase_p=2", "data.augment.erase_p"),

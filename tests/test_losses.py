@@ -49,6 +49,26 @@ def naive_ntxent(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
     return total / (2 * batch)
 
 
+def naive_dcl(a: torch.Tensor, b: torch.Tensor, tau: float, tau_plus: float, cancel_k: int) -> tuple[float, int]:
+    """Debiased NT-Xent (Chuang et al. 2020) after dropping each anchor's k most similar
+    negatives; also returns how many anchors hit the floor N_neg * exp(-1/tau)."""
+    x = _rows(torch.cat([a, b]))
+    batch = a.shape[0]
+    total, floored = 0.0, 0
+    for i in range(2 * batch):
+        pos = math.exp(_cos(x[i], x[_positive(i, batch)]) / tau)
+        negs = sorted((_cos(x[i], x[j]) for j in range(2 * batch) if j not in (i, _positive(i, batch))),
+                      reverse=True)[cancel_k:]
+        neg = sum(math.exp(s / tau) for s in negs)
+        if tau_plus:
+            floor = len(negs) * math.exp(-1 / tau)
+            debiased = (neg - tau_plus * len(negs) * pos) / (1 - tau_plus)
+            floored += debiased < floor
+            neg = max(debiased, floor)
+        total += -math.log(pos / (pos + neg))
+    return total / (2 * batch), floored
+
+
 def naive_cc(h_a: torch.Tensor, h_b: torch.Tensor, tau: float) -> float:
     x = _rows(torch.cat([h_a, h_b]))
     batch = h_a.shape[0]
@@ -116,6 +136,37 @@ def test_ntxent_matches_naive(batch):
     a, b = torch.randn(batch, 7, generator=g, dtype=torch.float64), torch.randn(batch, 7, generator=g, dtype=torch.float64)
     got = NTXentLoss(0.5)(a, b).item()
     assert got == pytest.approx(naive_ntxent(a, b, 0.5), abs=1e-5)
+
+
+@pytest.mark.parametrize("tau_plus, cancel_k", [(0.1, 0), (0.0, 2), (0.1, 2), (0.9, 0)])
+def test_debiased_and_cancelled_ntxent_match_naive(batch, tau_plus, cancel_k):
+    g = _gen(20 + batch)
+    a = torch.randn(batch, 7, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(batch, 7, generator=g, dtype=torch.float64)
+    want, floored = naive_dcl(a, b, 0.5, tau_plus, cancel_k)
+    assert NTXentLoss(0.5, tau_plus, cancel_k)(a, b).item() == pytest.approx(want, abs=1e-9)
+    assert want != pytest.approx(naive_ntxent(a, b, 0.5), abs=1e-3)  # the options change the loss
+    if tau_plus == 0.9:  # close positives and a large prior: the estimate falls to its floor
+        assert floored > 0
+
+
+@pytest.mark.parametrize("tau_plus, cancel_k", [(0.0, 0), (0.1, 0), (0.0, 3), (0.2, 2)])
+def test_ntxent_shards_of_anchors_average_to_the_global_batch_loss_and_gradient(tau_plus, cancel_k):
+    """What each worker computes (its anchors against the gathered batch) averages to the
+    one-process loss and gradient, with debiasing and cancellation too."""
+    g = _gen(31)
+    world, local = 2, 4
+    a = torch.randn(world * local, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(world * local, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = NTXentLoss(0.5, tau_plus, cancel_k)
+    full = loss(a, b)
+    want = torch.autograd.grad(full, (a, b))
+    shards = [loss(a[r * local:(r + 1) * local], b[r * local:(r + 1) * local], a, b, r * local)
+              for r in range(world)]
+    mean = sum(shards) / world
+    assert mean.item() == pytest.approx(full.item(), abs=1e-12)
+    for got, ref in zip(torch.autograd.grad(mean, (a, b)), want):
+        assert torch.allclose(got, ref, atol=1e-12)
 
 
 def test_consistency_matches_naive(batch):
@@ -252,6 +303,8 @@ def test_codeword_entropy_matches_counts():
     "build, message",
     [
         (lambda: NTXentLoss(0.0), "temperature"),
+        (lambda: NTXentLoss(0.5, tau_plus=1.0), "tau_plus"),
+        (lambda: NTXentLoss(0.5, cancel_k=-1), "cancellation"),
         (lambda: ConsistentContrastiveLoss(-1.0), "temperature"),
         (lambda: PartNeighborLoss(0, 0.5), "num_neighbors >= 1"),
         (lambda: PartNeighborLoss(3, 0.0), "temperature"),

@@ -61,6 +61,14 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: tau (> 0).
+        tau_plus: debiasing (Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020) in
+            [0, 1): the class prior of a random negative being a same-class image. With
+            tau_plus > 0 the negatives' sum is replaced by the debiased estimate
+            Ng = max((sum_neg exp(s/tau) - tau_plus * N_neg * exp(s_pos/tau)) / (1 - tau_plus),
+            N_neg * exp(-1/tau)), N_neg = 2N - 2; 0 is plain NT-Xent. With ten balanced
+            classes about a tenth of a batch's "negatives" share the anchor's class.
+        cancel_k: false-negative cancellation (Huynh et al., WACV 2022), >= 0: each anchor's
+            k most similar negatives (by the detached logits) leave the denominator; 0 keeps all.
 
     forward(a (n, D), b (n, D), a_all=None (N, D), b_all=None (N, D), offset=0) -> scalar.
     a, b are the local views; a_all, b_all the gathered global views (default: a, b) whose
@@ -68,9 +76,15 @@ class NTXentLoss(nn.Module):
     (local x global logits), so the mean over ranks is the global-batch loss.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, tau_plus: float = 0.0, cancel_k: int = 0):
         super().__init__()
         self.temperature = check_temperature("NT-Xent temperature tau_ic", temperature)
+        if not 0.0 <= tau_plus < 1.0:
+            raise ConfigError(f"NT-Xent debiasing tau_plus must be in [0, 1), got {tau_plus!r}")
+        if int(cancel_k) != cancel_k or cancel_k < 0:
+            raise ConfigError(f"NT-Xent false-negative cancellation k must be an integer >= 0, got {cancel_k!r}")
+        self.tau_plus = float(tau_plus)
+        self.cancel_k = int(cancel_k)
 
     def forward(
         self,
@@ -90,4 +104,22 @@ class NTXentLoss(nn.Module):
         self_mask = torch.zeros_like(logits, dtype=torch.bool)
         self_mask[torch.arange(2 * n, device=a.device), self_idx] = True
         logits = logits.masked_fill(self_mask, float("-inf"))
-        return F.cross_entropy(logits, pos_idx)
+        if self.tau_plus == 0.0 and self.cancel_k == 0:
+            return F.cross_entropy(logits, pos_idx)
+        rows = torch.arange(2 * n, device=a.device)
+        neg_mask = ~self_mask
+        neg_mask[rows, pos_idx] = False
+        if self.cancel_k:
+            k = min(self.cancel_k, 2 * total - 3)  # keep at least one negative
+            if k > 0:
+                hardest = logits.detach().masked_fill(~neg_mask, float("-inf")).topk(k, dim=1).indices
+                neg_mask[rows.unsqueeze(1), hardest] = False
+        n_neg = neg_mask.sum(1).to(logits.dtype)  # (2n,) negatives left per anchor; int * float is float32
+        pos = logits[rows, pos_idx]
+        shift = logits.detach().max(1).values  # exp stays finite; cancels in the ratio
+        neg_sum = torch.exp(logits - shift[:, None]).masked_fill(~neg_mask, 0.0).sum(1)
+        pos_exp = torch.exp(pos - shift)
+        if self.tau_plus > 0.0:
+            floor = n_neg * torch.exp(-1.0 / self.temperature - shift)  # every negative at cosine -1
+            neg_sum = torch.maximum((neg_sum - self.tau_plus * n_neg * pos_exp) / (1.0 - self.tau_plus), floor)
+        return (torch.log(pos_exp + neg_sum) - (pos - shift)).mean()

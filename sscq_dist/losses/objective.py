@@ -72,8 +72,8 @@ class SSCQObjective(nn.Module):
         self.num_codewords = model_cfg.num_codewords
         self.codeword_dim = model_cfg.codeword_dim
         self.num_neighbors = loss_cfg.num_neighbors
-        self.icf = NTXentLoss(loss_cfg.tau_ic)
-        self.icz = NTXentLoss(loss_cfg.tau_ic)
+        self.icf = NTXentLoss(loss_cfg.tau_ic, loss_cfg.debias_tau_plus, loss_cfg.fn_cancel_k)
+        self.icz = NTXentLoss(loss_cfg.tau_ic, loss_cfg.debias_tau_plus, loss_cfg.fn_cancel_k)
         self.cc = ConsistentContrastiveLoss(loss_cfg.tau_cc)
         self.pn = PartNeighborLoss(loss_cfg.num_neighbors, loss_cfg.tau_pn)
         self.cd = CodewordDiversityLoss(loss_cfg.tau_cd)
